@@ -1,0 +1,576 @@
+"""``attnprobe.record``: stream attention mass and layer-input statistics of every denoising step.
+
+How it hooks in, without editing modeling code:
+
+- a :class:`~attnprobe.capture.SdpaObserver` (a ``TorchFunctionMode``) sees every SDPA call while the
+  ``with`` block runs and hands over the post-RoPE ``q``/``k``, the mask, ``is_causal``, ``scale`` and
+  ``enable_gqa``; the call itself runs unchanged;
+- forward pre/post hooks on the attention modules found by :mod:`attnprobe.registry` keep a stack of
+  which module is running, so each SDPA call is attributed to a layer by name;
+- pre/post hooks on the model itself delimit steps (one top-level forward = one step, unless the user
+  groups forwards with :meth:`Recording.step`) and read ``input_ids`` and the padding
+  ``attention_mask``;
+- pre-hooks on the ``nn.Linear`` modules of each block keep a reference to the step's inputs. The
+  sink weight of a token needs the mass of *every* layer, known only when the step ends, so the inputs
+  are held (not copied) until then and reduced once (one pass). ``two_pass=True`` instead replays the
+  step's forwards after the mass is known and reduces inside the hooks, for when the buffer does not
+  fit.
+
+Every handle, the mode and the registration are owned by the :class:`Recording` and removed in
+``__exit__`` in reverse order, whatever ends the block. The attention mass of a step reaches disk
+when the step ends; Hessians (``hessians=True``) are written when the recording closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnprobe import sinks
+from attnprobe.capture import SdpaCall, SdpaObserver
+from attnprobe.linear_stats import reduce_inputs
+from attnprobe.mass import attention_mass
+from attnprobe.registry import Targets, discover
+from attnprobe.store import StoreWriter
+
+logger = logging.getLogger(__name__)
+
+# Which recording a model is under, so that calibrate() and friends can find it. Weak keys: an entry
+# never keeps a model alive, and each model has its own entry, so recordings do not interfere.
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, Recording] = weakref.WeakKeyDictionary()
+
+_EAGER_HELP = (
+    "attnprobe sees attention through torch.nn.functional.scaled_dot_product_attention, and this model's "
+    "attention modules ran without calling it (eager matmul + softmax, or a fused flash-attn kernel). "
+    "Switch the model to SDPA: load it with from_pretrained(..., attn_implementation='sdpa'), or call "
+    "model.set_attn_implementation('sdpa') (transformers >= 4.48), or set config._attn_implementation = "
+    "'sdpa' before building it; for LLaDA, uninstall flash-attn or set its flash_attention flag off."
+)
+
+
+def active_recording(model: nn.Module) -> Recording | None:
+    """The recording currently attached to ``model``, if any."""
+    return _ACTIVE.get(model)
+
+
+@dataclass
+class _Forward:
+    """One top-level forward within a step."""
+
+    batch: int | None
+    tokens: int | None
+    input_ids: Tensor | None
+    valid: Tensor | None  # (batch, tokens) bool, False on padding
+    replay: tuple[tuple, dict] | None  # args, kwargs, kept only in two-pass mode
+    mass: dict[str, Tensor] = field(default_factory=dict)  # layer -> (batch, heads, keys)
+    inputs: dict[str, Tensor] = field(default_factory=dict)  # group -> held input (one-pass)
+    seen: dict[int, tuple[str, weakref.ref]] = field(default_factory=dict)  # id(input) -> group
+    groups: dict[str, list[str]] = field(default_factory=dict)  # group -> linear names
+    attention_calls: int = 0
+    sdpa_calls: int = 0
+
+
+@dataclass
+class _Step:
+    meta: dict[str, Any]
+    forwards: list[_Forward] = field(default_factory=list)
+
+
+@dataclass
+class _Replay:
+    """What the linear hooks need while a step is replayed (two-pass mode)."""
+
+    forward: _Forward
+    weights: Tensor
+    candidates: Tensor
+    results: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+
+def _token_grid(args: tuple, kwargs: dict) -> tuple[Tensor | None, Tensor | None, int | None, int | None]:
+    """``input_ids``, padding mask and (batch, tokens) of a top-level call, where they can be read."""
+    input_ids = kwargs.get("input_ids")
+    if input_ids is None and args and isinstance(args[0], Tensor) and not args[0].is_floating_point():
+        input_ids = args[0]
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) > 1 and isinstance(args[1], Tensor) and args[1].dim() == 2:
+        mask = args[1]
+    embeds = kwargs.get("inputs_embeds")
+    shape = None
+    if isinstance(input_ids, Tensor) and input_ids.dim() == 2:
+        shape = tuple(input_ids.shape)
+    elif isinstance(embeds, Tensor) and embeds.dim() == 3:
+        shape = tuple(embeds.shape[:2])
+    valid = None
+    if isinstance(mask, Tensor) and mask.dim() == 2 and (shape is None or tuple(mask.shape) == shape):
+        valid = mask != 0
+        shape = tuple(mask.shape)
+    ids = input_ids.detach() if isinstance(input_ids, Tensor) and input_ids.dim() == 2 else None
+    batch, tokens = shape if shape is not None else (None, None)
+    return ids, valid, batch, tokens
+
+
+class Recording:
+    """A recording in progress (and, after it closes, the store it wrote).
+
+    Reading attributes of the store (``num_steps``, ``layers``, ``attention_mass(step)``, ...) work on
+    the recording object too, during and after the ``with`` block. Create it with :func:`record`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        path: str | Path | None = None,
+        *,
+        mask_token_id: int | None = None,
+        targets: Targets = None,
+        linear_stats: bool = False,
+        hessians: bool = False,
+        two_pass: bool = False,
+        sink_std: float = 2.0,
+        sink_alpha: float = 5.0,
+        candidate_floor_std: float | None = 1.0,
+        save_input_ids: bool = True,
+        overwrite: bool = False,
+        append: bool = False,
+        max_chunk_bytes: int = 32 * 2**20,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"record() needs a torch.nn.Module, got {type(model).__name__}")
+        if candidate_floor_std is not None and candidate_floor_std > sink_std:
+            raise ValueError(
+                f"candidate_floor_std={candidate_floor_std} is above sink_std={sink_std}: the recorded "
+                "candidate rows would not cover the sinks. Use a floor at or below sink_std."
+            )
+        if active_recording(model) is not None:
+            raise RuntimeError(
+                f"{type(model).__name__} is already being recorded; close that record() block first."
+            )
+        self.model = model
+        self.layout = discover(model, targets)
+        config = getattr(model, "config", None)
+        self.mask_token_id = mask_token_id if mask_token_id is not None else getattr(config, "mask_token_id", None)
+        self.linear_stats = linear_stats or hessians
+        self.hessians = hessians
+        self.two_pass = two_pass
+        self.sink_std = sink_std
+        self.sink_alpha = sink_alpha
+        self.candidate_floor_std = candidate_floor_std
+        self.save_input_ids = save_input_ids
+        self.max_chunk_bytes = max_chunk_bytes
+        self._path = path
+        self._overwrite = overwrite
+        self._append = append
+        self._writer: StoreWriter | None = None
+        self._handles: list = []
+        self._mode: SdpaObserver | None = None
+        self._attention_stack: list[str] = []
+        self._step: _Step | None = None
+        self._forward: _Forward | None = None
+        self._explicit = False
+        self._pending_meta: dict[str, Any] = {}
+        self._replay: _Replay | None = None
+        self._layers: list[str] = []
+        self._heads: dict[str, list[int]] = {}
+        self._hessians: dict[str, dict[str, Tensor]] = {}
+        self._warned: set[str] = set()
+        self.peak_buffer_bytes = 0
+
+    # -- reading: the recording is also a view of its store --------------------------------------
+
+    @property
+    def store(self):
+        """The :class:`~attnprobe.store.TrajectoryStore` being written."""
+        if self._writer is None:
+            raise RuntimeError("the recording has not started; use it as `with attnprobe.record(model) as store:`")
+        return self._writer.store
+
+    def __getattr__(self, name: str):
+        # Only called for attributes Recording lacks: forward the store's reading API.
+        if name.startswith("_") or self.__dict__.get("_writer") is None:
+            raise AttributeError(name)
+        return getattr(self._writer.store, name)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "linear_stats": self.linear_stats,
+            "hessians": self.hessians,
+            "stats_mode": "two-pass" if self.two_pass else "one-pass",
+            "sink_std": self.sink_std,
+            "sink_alpha": self.sink_alpha,
+            "candidate_floor_std": self.candidate_floor_std,
+            "mask_token_id": self.mask_token_id,
+            "save_input_ids": self.save_input_ids,
+            "targets": list(self.layout.attention),
+        }
+
+    def _fingerprint(self) -> dict[str, Any]:
+        modules = dict(self.model.named_modules())
+        return {
+            "model_class": type(self.model).__name__,
+            "layers": list(self._layers),
+            "heads": dict(self._heads),
+            "linears": {
+                name: [modules[name].out_features, modules[name].in_features] for name in self.layout.linears
+            },
+        }
+
+    def __enter__(self) -> Recording:
+        self._writer = StoreWriter.create(
+            self._path,
+            fingerprint=self._fingerprint(),
+            options=self._options(),
+            overwrite=self._overwrite,
+            append=self._append,
+        )
+        if self._append and self.store.num_steps:
+            self._layers = list(self.store.fingerprint.get("layers", []))
+            self._heads = dict(self.store.fingerprint.get("heads", {}))
+        try:
+            self._attach()
+        except BaseException:
+            self._detach()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._detach()
+        self._step = self._forward = None
+        if self._hessians:
+            self._writer.write_hessians(
+                {f"{g}/{k}": v for g, stats in self._hessians.items() for k, v in stats.items()}
+            )
+
+    def _attach(self) -> None:
+        modules = dict(self.model.named_modules())
+        add = self._handles.append
+        add(self.model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
+        add(self.model.register_forward_hook(self._on_model_end, with_kwargs=True, always_call=True))
+        for name in self.layout.attention:
+            module = modules[name]
+            add(module.register_forward_pre_hook(lambda m, a, n=name: self._attention_stack.append(n)))
+            add(module.register_forward_hook(lambda m, a, o, n=name: self._leave_attention(n), always_call=True))
+        if self.linear_stats:
+            for name in self.layout.linears:
+                add(modules[name].register_forward_pre_hook(lambda m, a, n=name: self._on_linear(n, a)))
+        self._mode = SdpaObserver(self._on_sdpa)
+        self._mode.__enter__()
+        _ACTIVE[self.model] = self
+
+    def _detach(self) -> None:
+        _ACTIVE.pop(self.model, None)
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+        while self._handles:
+            self._handles.pop().remove()
+        self._attention_stack.clear()
+
+    # -- steps ---------------------------------------------------------------------------------------
+
+    @contextmanager
+    def step(self, **meta: Any) -> Iterator[None]:
+        """Group every forward inside the block into one step (CFG, several model calls per step).
+
+        Args:
+            **meta: JSON-serialisable metadata stored with the step (e.g. ``t=0.4``).
+
+        Example:
+            >>> with attnprobe.record(model) as rec:                   # doctest: +SKIP
+            ...     with rec.step(t=0.5):
+            ...         cond, uncond = model(ids), model(ids_unconditional)
+        """
+        if self._step is not None:
+            raise RuntimeError("steps do not nest: a step is already open on this recording")
+        self._step = _Step(meta={**self._pending_meta, **meta})
+        self._pending_meta = {}
+        self._explicit = True
+        try:
+            yield
+        except BaseException:
+            self._step = None
+            raise
+        finally:
+            self._explicit = False
+        step, self._step = self._step, None
+        if step is not None and step.forwards:
+            self._finish_step(step)
+
+    def annotate(self, **meta: Any) -> None:
+        """Attach metadata to the open step, or to the next one when none is open."""
+        if self._step is not None:
+            self._step.meta.update(meta)
+        else:
+            self._pending_meta.update(meta)
+
+    def _on_model_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._replay is not None:
+            return
+        if self._forward is not None:
+            # The previous forward never reached its end hook (KeyboardInterrupt skips always_call
+            # hooks): its step is incomplete, so drop it.
+            self._forward = None
+            if not self._explicit:
+                self._step = None
+        if self._step is None:
+            self._step = _Step(meta=dict(self._pending_meta))
+            self._pending_meta = {}
+        ids, valid, batch, tokens = _token_grid(args, kwargs)
+        replay = (args, kwargs) if self.two_pass and self.linear_stats else None
+        self._forward = _Forward(batch=batch, tokens=tokens, input_ids=ids, valid=valid, replay=replay)
+
+    def _on_model_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._replay is not None:
+            return
+        forward, self._forward = self._forward, None
+        if forward is None or self._step is None:
+            return
+        if output is None and sys.exc_info()[0] is not None:  # the forward raised
+            if not self._explicit:
+                self._step = None
+            return
+        if forward.attention_calls and not forward.sdpa_calls:
+            if not self._explicit:
+                self._step = None
+            raise RuntimeError(_EAGER_HELP)
+        self._step.forwards.append(forward)
+        if not self._explicit:
+            step, self._step = self._step, None
+            self._finish_step(step)
+
+    # -- hooks ---------------------------------------------------------------------------------------
+
+    def _leave_attention(self, name: str) -> None:
+        if self._attention_stack and self._attention_stack[-1] == name:
+            self._attention_stack.pop()
+        if self._forward is not None:
+            self._forward.attention_calls += 1
+
+    def _on_sdpa(self, call: SdpaCall) -> None:
+        forward = self._forward
+        if self._replay is not None or forward is None:
+            return
+        if not self._attention_stack:
+            self._warn_once(
+                "unattributed",
+                "scaled_dot_product_attention was called outside the attention modules attnprobe found "
+                f"({len(self.layout.attention)} modules, e.g. {self.layout.attention[0]!r}); that call is "
+                "not recorded. Pass targets= to record() to choose the attention modules.",
+            )
+            return
+        forward.sdpa_calls += 1
+        layer = self._attention_stack[-1]
+        batch, q_heads, queries, head_dim = call.query.shape
+        keys = call.key.shape[-2]
+        valid = forward.valid
+        query_valid = valid if valid is not None and tuple(valid.shape) == (batch, queries) else None
+        mass = attention_mass(
+            call.query,
+            call.key,
+            call.attn_mask,
+            is_causal=call.is_causal,
+            scale=call.scale,
+            enable_gqa=call.enable_gqa,
+            query_valid=query_valid,
+            max_chunk_bytes=self.max_chunk_bytes,
+        )
+        if valid is not None and tuple(valid.shape) == (batch, keys):
+            mass = mass * valid[:, None, :]  # padding keys get no mass, even if the model let them
+        if layer in forward.mass:  # a layer called twice in one forward adds up
+            forward.mass[layer] = forward.mass[layer] + mass
+        else:
+            forward.mass[layer] = mass
+        if layer not in self._heads:
+            self._heads[layer] = [q_heads, call.key.shape[1], head_dim]
+
+    def _on_linear(self, name: str, args: tuple) -> None:
+        if self.two_pass and self._replay is None:
+            return  # two-pass: inputs are reduced when the step is replayed
+        forward = self._replay.forward if self._replay is not None else self._forward
+        if forward is None or not args or not isinstance(args[0], Tensor):
+            return
+        x = args[0].detach()
+        grid = (forward.batch, forward.tokens)
+        if x.dim() == 2 and None not in grid and x.shape[0] == forward.batch * forward.tokens:
+            x = x.view(forward.batch, forward.tokens, -1)
+        if None in grid or tuple(x.shape[:-1]) != grid:
+            self._warn_once(
+                f"grid:{name}",
+                f"{name} got input of shape {tuple(x.shape)}, not (batch, tokens, features) = {grid}; its "
+                "input statistics are not recorded (token routing, e.g. mixture-of-experts).",
+            )
+            return
+        # Linears fed the very same tensor (q/k/v, gate/up) form one input group, reduced once. The weak
+        # reference guards against a freed tensor's id being reused by a later input.
+        seen = forward.seen.get(id(args[0]))
+        if seen is not None and seen[1]() is args[0]:
+            forward.groups[seen[0]].append(name)
+            return
+        if name in forward.groups:
+            self._warn_once(f"twice:{name}", f"{name} ran twice in one forward; only its first input is used.")
+            return
+        forward.seen[id(args[0])] = (name, weakref.ref(args[0]))
+        forward.groups[name] = [name]
+        if self._replay is not None:
+            replay = self._replay
+            valid = forward.valid if forward.valid is not None else x.new_ones(grid, dtype=torch.bool)
+            replay.results[name] = reduce_inputs(
+                x, valid, replay.weights, replay.candidates, hessians=self.hessians
+            )
+            return
+        forward.inputs[name] = x
+        held = sum(t.numel() * t.element_size() for t in forward.inputs.values())
+        self.peak_buffer_bytes = max(self.peak_buffer_bytes, held)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    # -- end of step: reduce and write ---------------------------------------------------------------
+
+    def _finish_step(self, step: _Step) -> None:
+        forwards = [f for f in step.forwards if f.mass]
+        if not forwards:
+            return
+        for f in forwards:
+            for layer in f.mass:
+                if layer not in self._layers:
+                    self._layers.append(layer)
+        layers = [layer for layer in self._layers if all(layer in f.mass for f in forwards)]
+        tensors: dict[str, Tensor] = {}
+        for layer in layers:
+            tensors[f"mass/{self._layers.index(layer)}"] = torch.cat([f.mass[layer] for f in forwards])
+        valid = torch.cat([self._valid_of(f) for f in forwards])
+        tensors["valid"] = valid
+        ids = [f.input_ids for f in forwards]
+        if self.save_input_ids and all(i is not None for i in ids):
+            tensors["input_ids"] = torch.cat(ids)
+        meta = {**step.meta, "num_forwards": len(forwards), "mask_ratio": self._mask_ratio(tensors, valid)}
+        groups: dict[str, list[str]] = {}
+        if self.linear_stats:
+            groups = self._step_statistics(forwards, layers, valid, tensors)
+        index = self._writer.write_step(tensors, meta, groups)
+        if self.store.fingerprint.get("layers") != self._layers or self.store.fingerprint.get("heads") != self._heads:
+            self._writer.update_fingerprint(layers=list(self._layers), heads=dict(self._heads))
+        logger.debug("attnprobe: wrote step %d (%d layers)", index, len(layers))
+
+    def _valid_of(self, forward: _Forward) -> Tensor:
+        if forward.valid is not None:
+            return forward.valid
+        some_mass = next(iter(forward.mass.values()))  # (batch, heads, keys)
+        return torch.ones(some_mass.shape[0], some_mass.shape[-1], dtype=torch.bool, device=some_mass.device)
+
+    def _mask_ratio(self, tensors: dict[str, Tensor], valid: Tensor) -> float | None:
+        ids = tensors.get("input_ids")
+        if ids is None or self.mask_token_id is None or ids.shape != valid.shape:
+            return None
+        masked = ((ids == self.mask_token_id) & valid).sum()
+        return float(masked / valid.sum().clamp(min=1))
+
+    def _step_statistics(
+        self, forwards: list[_Forward], layers: list[str], valid: Tensor, tensors: dict[str, Tensor]
+    ) -> dict[str, list[str]]:
+        # Sink weights use the mass of every layer whose keys are the step's tokens.
+        tokens = valid.shape[1]
+        per_layer = [tensors[f"mass/{self._layers.index(layer)}"] for layer in layers]
+        total = sum(m.sum(dim=1) for m in per_layer if m.shape[-1] == tokens)  # (batch, tokens)
+        if not isinstance(total, Tensor):  # no layer attends over the step's own tokens
+            total = torch.zeros(valid.shape, device=valid.device)
+        weights = sinks.sink_weights(total, valid, sink_std=self.sink_std, sink_alpha=self.sink_alpha)
+        if self.candidate_floor_std is not None:
+            candidates = sinks.candidate_mask(total, valid, floor_std=self.candidate_floor_std)
+        else:
+            candidates = torch.zeros_like(valid)
+        tensors["cand_index"] = candidates.nonzero()
+        per_group: dict[str, list[dict[str, Tensor]]] = {}
+        groups: dict[str, list[str]] = {}
+        offset = 0
+        for forward in forwards:
+            rows = slice(offset, offset + (forward.batch or valid.shape[0]))
+            offset = rows.stop
+            for group, stats in self._forward_statistics(forward, weights[rows], candidates[rows]).items():
+                per_group.setdefault(group, []).append(stats)
+            for group, members in forward.groups.items():
+                groups.setdefault(group, members)
+        for group, parts in per_group.items():
+            for key in ("sumsq", "wsumsq", "cand_rows"):
+                tensors[f"stats/{group}/{key}"] = torch.cat([p[key] for p in parts])
+            if self.hessians:
+                acc = self._hessians.setdefault(group, {})
+                for key in ("plain", "weighted"):
+                    total_h = sum(p[key] for p in parts)
+                    acc[key] = acc[key] + total_h if key in acc else total_h
+                seen = sum(p["sumsq"].shape[0] for p in parts)
+                acc["nsamples"] = acc.get("nsamples", torch.zeros((), dtype=torch.int64)) + seen
+        return groups
+
+    def _forward_statistics(
+        self, forward: _Forward, weights: Tensor, candidates: Tensor
+    ) -> dict[str, dict[str, Tensor]]:
+        if self.two_pass:
+            self._replay = _Replay(forward=forward, weights=weights, candidates=candidates)
+            forward.groups.clear()
+            forward.seen.clear()
+            try:
+                args, kwargs = forward.replay
+                with torch.no_grad():
+                    self.model(*args, **kwargs)
+                return self._replay.results
+            finally:
+                self._replay = None
+        out = {}
+        for group, x in forward.inputs.items():
+            valid = forward.valid if forward.valid is not None else x.new_ones(x.shape[:2], dtype=torch.bool)
+            out[group] = reduce_inputs(x, valid, weights, candidates, hessians=self.hessians)
+        forward.inputs.clear()  # release the held activations
+        forward.seen.clear()
+        return out
+
+
+def record(model: nn.Module, path: str | Path | None = None, **options: Any) -> Recording:
+    """Record attention mass (and optionally layer-input statistics) of ``model`` at every step.
+
+    Use as a context manager; the object it yields reads the store as it grows.
+
+    Args:
+        model: any ``torch.nn.Module`` whose attention calls ``scaled_dot_product_attention``.
+        path: store directory; ``None`` records into a temporary directory that lives as long as the
+            returned object.
+        mask_token_id: the mask token, for each step's mask ratio (default: ``model.config.mask_token_id``).
+        targets: which modules are attention: a regex over module names (full match) or a predicate
+            ``(name, module) -> bool``; default: structural discovery (see :mod:`attnprobe.registry`).
+        linear_stats: record per-input-feature statistics of every block ``nn.Linear`` (Wanda; off for
+            a generation trajectory, which needs only attention).
+        hessians: also accumulate ``XᵀX`` per input group, plain and sink-weighted (SparseGPT). Implies
+            ``linear_stats``.
+        two_pass: replay each step's forwards to reduce linear inputs instead of holding them; use when
+            the one-pass buffer (every block linear's input for one step) does not fit.
+        sink_std, sink_alpha: the sink rule used for the sink-weighted statistics (docs/METRICS.md).
+        candidate_floor_std: tokens with mass above ``mean + floor · std`` keep their squared input rows,
+            so that ``prune`` can re-weight for any ``sink_std >= floor``; ``None`` keeps none.
+        save_input_ids: store each step's ``input_ids`` (needed to replay the calibration).
+        overwrite: replace an existing store at ``path``. append: add steps to it.
+        max_chunk_bytes: memory bound for the attention-mass computation of one SDPA call.
+
+    Returns:
+        A :class:`Recording`.
+
+    Example:
+        >>> with attnprobe.record(model, "runs/gen", mask_token_id=126336) as store:  # doctest: +SKIP
+        ...     generate(model, prompt, steps=64)
+        >>> store.num_steps                                                            # doctest: +SKIP
+        64
+    """
+    return Recording(model, path, **options)

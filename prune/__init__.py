@@ -1,0 +1,15 @@
+"""prune: magnitude, Wanda and SparseGPT pruning of diffusion LMs, baseline and sink-aware.
+
+Example:
+    >>> import attnprobe, prune                                                      # doctest: +SKIP
+    >>> with attnprobe.record(model, "runs/calib", linear_stats=True) as store:
+    ...     attnprobe.calibrate(model, ids, mask_token_id=126336)
+    >>> result = prune.apply(model, store, 0.5, method="wanda", sink_aware=True)
+    >>> prune.save_masks(result.masks, "masks.safetensors", settings=result.settings, model=model)
+"""
+
+from prune.apply import METHODS, PruneResult, apply
+from prune.evaluate import EvalResult, evaluate
+from prune.io import load_masks, save_masks
+
+__all__ = ["METHODS", "EvalResult", "PruneResult", "apply", "evaluate", "load_masks", "save_masks"]

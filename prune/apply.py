@@ -1,0 +1,368 @@
+"""``prune.apply``: score, select and apply sparse masks in place, transactionally.
+
+Phases stay visible: statistics (from the store, or by replaying its inputs) → scores → masks →
+apply. One-shot pruning computes every mask before any weight changes, so a failure anywhere leaves
+the model untouched. Sequential pruning must change block i before it can measure block i + 1; it
+keeps a CPU copy of every weight it changes and restores them all if anything fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from prune import masks as masks_mod
+from prune.sequential import block_statistics
+from prune.sparsegpt import sparsegpt_prune
+from prune.statistics import ACCUMULATIONS, SinkSettings, activation_norms
+from prune.wanda import magnitude_scores, wanda_scores
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+PATTERNS_HELP = '"unstructured", "N:M" (e.g. "2:4") or "structured"'
+
+
+@dataclass
+class PruneResult:
+    """What :func:`apply` did.
+
+    Attributes:
+        masks: ``{module name: bool keep-mask (out, in)}``, True = kept.
+        report: one row per pruned linear: layer, shape, sparsity (achieved), seconds.
+        settings: method, sparsity, pattern and sink parameters (saved with the masks).
+        weights: for SparseGPT, the reconstructed kept weights ``{name: Tensor}`` (CPU), since the
+            mask alone does not reproduce them.
+        plan: for ``pattern="structured"``, the structured plan that was applied.
+    """
+
+    masks: dict[str, Tensor]
+    report: Any
+    settings: dict[str, Any]
+    weights: dict[str, Tensor] = field(default_factory=dict)
+    plan: Any = None
+
+
+def _select_linears(model: nn.Module, store, targets: str | None, ignore: str | None) -> dict[str, nn.Linear]:
+    modules = dict(model.named_modules())
+    if store is not None:
+        names = list(store.fingerprint.get("linears", {}))
+    else:
+        from attnprobe.registry import discover
+
+        names = list(discover(model).linears)
+    if targets is not None:
+        names = [n for n in names if re.fullmatch(targets, n)]
+    if ignore is not None:
+        names = [n for n in names if not re.fullmatch(ignore, n)]
+    chosen = {n: modules[n] for n in names if isinstance(modules.get(n), nn.Linear)}
+    if not chosen:
+        raise ValueError(
+            f"no linear layer selected (targets={targets!r}, ignore={ignore!r}); block linears of this "
+            f"model include {names[:5]}"
+        )
+    return chosen
+
+
+def check_fingerprint(model: nn.Module, store) -> None:
+    """Refuse a store recorded from another model: class and every linear's shape must match."""
+    fingerprint = store.fingerprint
+    problems = []
+    if fingerprint.get("model_class") != type(model).__name__:
+        problems.append(f"model class {fingerprint.get('model_class')} vs {type(model).__name__}")
+    modules = dict(model.named_modules())
+    for name, shape in fingerprint.get("linears", {}).items():
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            problems.append(f"{name} missing")
+        elif [module.out_features, module.in_features] != list(shape):
+            problems.append(f"{name} shape {list(shape)} vs {[module.out_features, module.in_features]}")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ValueError(
+            f"the store at {store.path} was recorded from another model ({shown}). Record a calibration "
+            "store from this model with attnprobe.record(model, path, linear_stats=True)."
+        )
+
+
+def _validate(method: str, sparsity: float, pattern: str, accumulate: str) -> tuple[str, int, int]:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if accumulate not in ACCUMULATIONS:
+        raise ValueError(f"unknown accumulate {accumulate!r}; choose one of {ACCUMULATIONS}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be in [0, 1) (0.5 prunes half the weights), got {sparsity!r}")
+    if pattern == "structured":
+        return "structured", 0, 0
+    try:
+        kind, n, m = masks_mod.parse_pattern(pattern, sparsity)
+    except ValueError as err:
+        raise ValueError(f"{err} Valid patterns: {PATTERNS_HELP}.") from None
+    return kind, n or 0, m or 0
+
+
+def _hessians_from_store(store, sink_aware: bool, settings: SinkSettings) -> dict[str, Tensor]:
+    stored = store.hessians()
+    if stored is None:
+        raise ValueError(
+            f"one-shot SparseGPT needs Hessians, and the store at {store.path} has none: record it with "
+            "attnprobe.record(model, path, hessians=True), or pass sequential=True to replay its inputs."
+        )
+    options = store.options
+    if sink_aware and (settings.policy != "all" or (settings.sink_std, settings.sink_alpha)
+                       != (options.get("sink_std"), options.get("sink_alpha"))):
+        raise ValueError(
+            f"the store's Hessians were sink-weighted with sink_std={options.get('sink_std')}, "
+            f"sink_alpha={options.get('sink_alpha')}, policy 'all'; other settings need sequential=True "
+            "(which replays the recorded inputs) or a new recording."
+        )
+    key = "weighted" if sink_aware else "plain"
+    out = {}
+    for group, tensors in stored.items():
+        hessian = tensors[key] * (2.0 / max(int(tensors["nsamples"]), 1))
+        for name in store.linear_groups(0).get(group, [group]):
+            out[name] = hessian
+    return out
+
+
+def _finite(name: str, tensor: Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        raise ValueError(
+            f"statistics for {name} contain NaN or Inf; the calibration activations overflowed. Record "
+            "the calibration with the model in float32 or bfloat16 (not float16)."
+        )
+
+
+def _prune_one(
+    weight: Tensor,
+    method: str,
+    sparsity: float,
+    kind: str,
+    n: int,
+    m: int,
+    norm: Tensor | None,
+    hessian: Tensor | None,
+    blocksize: int,
+    percdamp: float,
+) -> tuple[Tensor, Tensor | None]:
+    """Mask (and, for SparseGPT, the new weight) of one linear; the weight is not modified."""
+    if method == "sparsegpt":
+        new_weight, mask = sparsegpt_prune(
+            weight, hessian, sparsity, prune_n=n, prune_m=m, blocksize=blocksize, percdamp=percdamp
+        )
+        return mask, new_weight
+    scores = magnitude_scores(weight) if method == "magnitude" else wanda_scores(weight, norm)
+    pattern = "unstructured" if kind == masks_mod.UNSTRUCTURED else f"{n}:{m}"
+    return masks_mod.select_mask(scores, pattern, sparsity), None
+
+
+@torch.no_grad()
+def apply(
+    model: nn.Module,
+    store,
+    sparsity: float,
+    *,
+    method: str = "wanda",
+    sink_aware: bool = False,
+    pattern: str = "unstructured",
+    sequential: bool = False,
+    accumulate: str = "wanda",
+    sink_std: float | None = None,
+    sink_alpha: float | None = None,
+    sink_policy: str = "all",
+    unstable_threshold: float = 0.05,
+    targets: str | None = None,
+    ignore: str | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    structured_mode: str = "uniform",
+    progress: bool = True,
+) -> PruneResult:
+    """Prune ``model`` in place from a calibration store.
+
+    Args:
+        model: the model the store was recorded from (checked by fingerprint).
+        store: a :class:`~attnprobe.store.TrajectoryStore` recorded with ``linear_stats=True``
+            (``hessians=True`` for one-shot SparseGPT); may be ``None`` for ``method="magnitude"``.
+        sparsity: fraction of each selected linear's weights pruned, in [0, 1). With
+            ``pattern="structured"``: the fraction of heads and MLP channels removed per layer.
+        method: ``"magnitude"``, ``"wanda"`` (arXiv 2306.11695) or ``"sparsegpt"`` (arXiv 2301.00774).
+        sink_aware: down-weight sink token rows by ``w = 1 − s`` before scoring (arXiv 2602.17664).
+        pattern: ``"unstructured"`` (exact count per output row), ``"N:M"`` (N pruned of every M
+            consecutive inputs), or ``"structured"`` (see :mod:`prune.structured`).
+        sequential: prune block by block, each block's statistics measured on inputs propagated through
+            the already-pruned blocks by replaying the store's input ids (as Wanda and SparseGPT publish).
+            Default ``False``: one shot from the store, no forward pass for the Wanda family, so
+            changing sink parameters is instant; ``True`` is closer to the published baselines at the
+            price of a forward per block and step.
+        accumulate: ``"wanda"`` (sqrt of the mean of Σx²) or ``"reference"`` (the public Sink-Aware
+            code's sum of per-sample L2 norms).
+        sink_std, sink_alpha: sink rule parameters (default: those recorded).
+        sink_policy: ``"all"``, or ``"unstable"``: only sinks whose score varies across the steps of a
+            sequence are down-weighted, stable sinks are kept (the paper's description).
+        unstable_threshold: variance threshold of the ``unstable`` policy.
+        targets, ignore: regexes (full match) over linear names selecting what is pruned. Only the
+            linears inside attention blocks are candidates: embeddings and the LM head are untouched.
+        blocksize, percdamp: SparseGPT's block size and damping.
+        structured_mode: ``"uniform"`` or ``"global"`` for ``pattern="structured"``.
+        progress: show progress bars.
+
+    Returns:
+        A :class:`PruneResult`.
+
+    Raises:
+        ValueError: bad arguments, a store from another model or lacking what the method needs, or
+            NaN/Inf statistics. The model is left untouched.
+
+    Example:
+        >>> result = prune.apply(model, store, 0.5, method="wanda", sink_aware=True)  # doctest: +SKIP
+        >>> result.report.head()                                                     # doctest: +SKIP
+    """
+    kind, n, m = _validate(method, sparsity, pattern, accumulate)
+    if store is None and (method != "magnitude" or sequential):
+        raise ValueError(f"method={method!r} needs a calibration store; only 'magnitude' runs without one")
+    if store is not None:
+        check_fingerprint(model, store)
+    settings = SinkSettings(
+        sink_std if sink_std is not None else (store.options.get("sink_std", 2.0) if store else 2.0),
+        sink_alpha if sink_alpha is not None else (store.options.get("sink_alpha", 5.0) if store else 5.0),
+        sink_policy,
+        unstable_threshold,
+    )
+    linears = _select_linears(model, store, targets, ignore)
+    meta = {
+        "method": method, "sparsity": float(sparsity), "pattern": pattern, "sink_aware": sink_aware,
+        "sequential": sequential, "accumulate": accumulate, "sink_std": settings.sink_std,
+        "sink_alpha": settings.sink_alpha, "sink_policy": sink_policy, "model_class": type(model).__name__,
+    }
+    if kind == "structured":
+        return _apply_structured(model, store, sparsity, sink_aware, settings, accumulate, structured_mode, meta)
+    if sequential:
+        return _apply_sequential(model, store, linears, meta, kind, n, m, sink_aware, settings, accumulate,
+                                 blocksize, percdamp, progress)
+    norms: dict[str, Tensor] = {}
+    hessians: dict[str, Tensor] = {}
+    if method == "wanda":
+        norms = activation_norms(store, sink_aware=sink_aware, settings=settings, accumulate=accumulate)
+    elif method == "sparsegpt":
+        hessians = _hessians_from_store(store, sink_aware, settings)
+    plan = {}
+    rows = []
+    for name, module in tqdm(linears.items(), desc=f"prune {method}", disable=not progress):
+        start = time.perf_counter()
+        norm, hessian = norms.get(name), hessians.get(name)
+        if method == "wanda" and norm is None or method == "sparsegpt" and hessian is None:
+            raise ValueError(f"the store has no statistics for {name}; exclude it with ignore= or re-record")
+        for stat in (norm, hessian):
+            if stat is not None:
+                _finite(name, stat)
+        mask, new_weight = _prune_one(module.weight, method, sparsity, kind, n, m, norm, hessian, blocksize, percdamp)
+        plan[name] = (mask, new_weight)
+        rows.append(_report_row(name, module, mask, time.perf_counter() - start))
+    # Every mask exists: only now touch the weights.
+    for name, (mask, new_weight) in plan.items():
+        _write(linears[name], mask, new_weight)
+    return _result(plan, rows, meta)
+
+
+def _write(module: nn.Linear, mask: Tensor, new_weight: Tensor | None) -> None:
+    if new_weight is not None:
+        module.weight.copy_(new_weight.to(module.weight.dtype))
+    module.weight.mul_(mask.to(module.weight.device, module.weight.dtype))
+
+
+def _report_row(name: str, module: nn.Linear, mask: Tensor, seconds: float) -> dict[str, Any]:
+    return {
+        "layer": name,
+        "shape": f"{module.out_features}x{module.in_features}",
+        "sparsity": masks_mod.achieved_sparsity(mask),
+        "seconds": seconds,
+    }
+
+
+def _result(plan: dict[str, tuple[Tensor, Tensor | None]], rows: list[dict], meta: dict) -> PruneResult:
+    import pandas as pd
+
+    report = pd.DataFrame(rows, columns=["layer", "shape", "sparsity", "seconds"])
+    if len(report):
+        logger.info("pruned %d linears, achieved sparsity %.4f", len(report), report["sparsity"].mean())
+    return PruneResult(
+        masks={name: mask.cpu() for name, (mask, _) in plan.items()},
+        report=report,
+        settings=meta,
+        weights={name: w.cpu() for name, (_, w) in plan.items() if w is not None},
+    )
+
+
+def _apply_sequential(model, store, linears, meta, kind, n, m, sink_aware, settings, accumulate,
+                      blocksize, percdamp, progress) -> PruneResult:
+    method, sparsity = meta["method"], meta["sparsity"]
+    backup = {name: module.weight.detach().to("cpu", copy=True) for name, module in linears.items()}
+    plan: dict[str, tuple[Tensor, Tensor | None]] = {}
+    rows = []
+    try:
+        for block_names, stats in block_statistics(
+            model, store, list(linears), sink_aware=sink_aware, settings=settings,
+            hessians=method == "sparsegpt", progress=progress,
+        ):
+            block_plan = {}
+            for name in block_names:
+                start = time.perf_counter()
+                module = linears[name]
+                if name not in stats:
+                    if method == "magnitude":
+                        stats[name] = {}
+                    else:
+                        raise ValueError(f"replaying the store produced no inputs for {name}")
+                norm = hessian = None
+                if method == "wanda":
+                    norm = _norm_from_replay(stats[name], accumulate)
+                    _finite(name, norm)
+                elif method == "sparsegpt":
+                    hessian = stats[name]["hessian"]
+                    _finite(name, hessian)
+                mask, new_weight = _prune_one(module.weight, method, sparsity, kind, n, m, norm, hessian,
+                                              blocksize, percdamp)
+                block_plan[name] = (mask, new_weight)
+                rows.append(_report_row(name, module, mask, time.perf_counter() - start))
+            for name, (mask, new_weight) in block_plan.items():
+                _write(linears[name], mask, new_weight)
+            plan.update(block_plan)
+    except BaseException:
+        for name, weight in backup.items():
+            linears[name].weight.copy_(weight)
+        raise
+    return _result(plan, rows, meta)
+
+
+def _norm_from_replay(stats: dict[str, Tensor], accumulate: str) -> Tensor:
+    """Activation norm from replayed per-sample sums of squares (same reductions as the store's)."""
+    per_sample = stats["sumsq"]  # (sequences, in)
+    if accumulate == "wanda":
+        return per_sample.mean(0).sqrt()
+    return per_sample.sqrt().sum(0)
+
+
+def _apply_structured(model, store, ratio, sink_aware, settings, accumulate, mode, meta) -> PruneResult:
+    from prune import structured
+
+    norms = activation_norms(store, sink_aware=sink_aware, settings=settings, accumulate=accumulate)
+    for name, norm in norms.items():
+        _finite(name, norm)
+    plan = structured.plan_structured(model, norms, ratio, mode=mode)
+    before = sum(p.numel() for p in model.parameters())
+    structured.apply_plan(model, plan)
+    after = sum(p.numel() for p in model.parameters())
+    import pandas as pd
+
+    report = pd.DataFrame([{"layer": "model", "shape": f"{before}->{after} params",
+                            "sparsity": 1 - after / before, "seconds": 0.0}])
+    return PruneResult(masks={}, report=report, settings={**meta, "structured_mode": mode}, plan=plan)
+
