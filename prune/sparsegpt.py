@@ -150,8 +150,8 @@ def sparsegpt_prune(
     hessian: Tensor,
     sparsity: float,
     *,
-    prune_n: int = 0,
-    prune_m: int = 0,
+    prune_n: int | None = 0,
+    prune_m: int | None = 0,
     blocksize: int = 128,
     percdamp: float = 0.01,
     mask: Tensor | None = None,
@@ -165,7 +165,8 @@ def sparsegpt_prune(
         hessian: ``(in_features, in_features)`` Hessian of the layer input, ``(2/N) X^T X``
             (any positive scale gives the same result).
         sparsity: Fraction pruned in ``[0, 1]``. With N:M it must equal ``prune_n / prune_m``.
-        prune_n: N of an N:M pattern (0 = unstructured).
+        prune_n: N of an N:M pattern; 0 or None = unstructured (as :func:`prune.masks.parse_pattern`
+            returns).
         prune_m: M of an N:M pattern; ``in_features`` and ``blocksize`` must be multiples of it.
         blocksize: Columns per lazy-update block (published default 128).
         percdamp: Damping as a fraction of ``mean(diag H)`` (published default 0.01).
@@ -193,6 +194,7 @@ def sparsegpt_prune(
     """
     _validate(weight, hessian, blocksize, percdamp, mask)
     rows, cols = weight.shape
+    prune_n, prune_m = prune_n or 0, prune_m or 0
     if prune_n or prune_m:
         check_n_m(prune_n, prune_m, sparsity)
         if cols % prune_m != 0:

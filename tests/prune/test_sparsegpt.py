@@ -89,6 +89,13 @@ def test_matches_plain_obs_n_m(layer, n, m, blocksize):
     assert (new[~keep] == 0).all()
 
 
+def test_none_n_m_means_unstructured(layer):
+    weight, _, h = layer
+    a, ka = sparsegpt_prune(weight, h, 0.5, prune_n=None, prune_m=None, blocksize=16)
+    b, kb = sparsegpt_prune(weight, h, 0.5, blocksize=16)
+    assert torch.equal(ka, kb) and torch.equal(a, b)
+
+
 def test_block_counts_and_exact_zeros(layer):
     weight, _, h = layer
     new, keep = sparsegpt_prune(weight, h, 0.5, blocksize=16)
