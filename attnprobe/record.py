@@ -159,8 +159,8 @@ class Recording:
         self.layout = discover(model, targets)
         config = getattr(model, "config", None)
         self.mask_token_id = mask_token_id if mask_token_id is not None else getattr(config, "mask_token_id", None)
-        self.linear_stats = linear_stats or hessians
-        self.hessians = hessians
+        self._want_stats = linear_stats or hessians
+        self._want_hessians = hessians
         self.two_pass = two_pass
         self.sink_std = sink_std
         self.sink_alpha = sink_alpha
@@ -204,8 +204,8 @@ class Recording:
 
     def _options(self) -> dict[str, Any]:
         return {
-            "linear_stats": self.linear_stats,
-            "hessians": self.hessians,
+            "linear_stats": self._want_stats,
+            "hessians": self._want_hessians,
             "stats_mode": "two-pass" if self.two_pass else "one-pass",
             "sink_std": self.sink_std,
             "sink_alpha": self.sink_alpha,
@@ -261,7 +261,7 @@ class Recording:
             module = modules[name]
             add(module.register_forward_pre_hook(lambda m, a, n=name: self._attention_stack.append(n)))
             add(module.register_forward_hook(lambda m, a, o, n=name: self._leave_attention(n), always_call=True))
-        if self.linear_stats:
+        if self._want_stats:
             for name in self.layout.linears:
                 add(modules[name].register_forward_pre_hook(lambda m, a, n=name: self._on_linear(n, a)))
         self._mode = SdpaObserver(self._on_sdpa)
@@ -327,7 +327,7 @@ class Recording:
             self._step = _Step(meta=dict(self._pending_meta))
             self._pending_meta = {}
         ids, valid, batch, tokens = _token_grid(args, kwargs)
-        replay = (args, kwargs) if self.two_pass and self.linear_stats else None
+        replay = (args, kwargs) if self.two_pass and self._want_stats else None
         self._forward = _Forward(batch=batch, tokens=tokens, input_ids=ids, valid=valid, replay=replay)
 
     def _on_model_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -426,7 +426,7 @@ class Recording:
             replay = self._replay
             valid = forward.valid if forward.valid is not None else x.new_ones(grid, dtype=torch.bool)
             replay.results[name] = reduce_inputs(
-                x, valid, replay.weights, replay.candidates, hessians=self.hessians
+                x, valid, replay.weights, replay.candidates, hessians=self._want_hessians
             )
             return
         forward.inputs[name] = x
@@ -459,7 +459,7 @@ class Recording:
             tensors["input_ids"] = torch.cat(ids)
         meta = {**step.meta, "num_forwards": len(forwards), "mask_ratio": self._mask_ratio(tensors, valid)}
         groups: dict[str, list[str]] = {}
-        if self.linear_stats:
+        if self._want_stats:
             groups = self._step_statistics(forwards, layers, valid, tensors)
         index = self._writer.write_step(tensors, meta, groups)
         if self.store.fingerprint.get("layers") != self._layers or self.store.fingerprint.get("heads") != self._heads:
@@ -507,7 +507,7 @@ class Recording:
         for group, parts in per_group.items():
             for key in ("sumsq", "wsumsq", "cand_rows"):
                 tensors[f"stats/{group}/{key}"] = torch.cat([p[key] for p in parts])
-            if self.hessians:
+            if self._want_hessians:
                 acc = self._hessians.setdefault(group, {})
                 for key in ("plain", "weighted"):
                     total_h = sum(p[key] for p in parts)
@@ -533,7 +533,7 @@ class Recording:
         out = {}
         for group, x in forward.inputs.items():
             valid = forward.valid if forward.valid is not None else x.new_ones(x.shape[:2], dtype=torch.bool)
-            out[group] = reduce_inputs(x, valid, weights, candidates, hessians=self.hessians)
+            out[group] = reduce_inputs(x, valid, weights, candidates, hessians=self._want_hessians)
         forward.inputs.clear()  # release the held activations
         forward.seen.clear()
         return out

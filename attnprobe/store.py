@@ -1,278 +1,667 @@
-"""The on-disk trajectory store: a directory of one manifest and one safetensors file per step.
+"""On-disk trajectory store: one safetensors file per completed step, written atomically, read lazily.
 
-Layout (schema version 1, details in docs/DESIGN.md)::
+Layout (schema version 1, see docs/DESIGN.md "Store layout")::
 
-    <store>/manifest.json               schema version, fingerprint of the model, record options
-    <store>/steps/000000.safetensors    attention mass, ids, statistics of step 0
-    <store>/hessians.safetensors        accumulated XᵀX (only with hessians=True), written at close
+    <store>/manifest.json                 schema_version, format, created, attnprobe_version,
+                                          fingerprint, options
+    <store>/steps/000000.safetensors      one file per completed step
+    <store>/hessians.safetensors          only with hessians=True, written when the recording closes
 
-Every file is written to a temporary name in the same directory, flushed, and renamed into place
-(``os.replace`` is atomic), so a process killed mid-recording leaves a store whose completed steps
-all open. Reads are lazy: opening a store reads the manifest and lists the step files; a tensor is
-read from disk only when asked for.
+Crash safety: every file is written under a hidden temporary name in its final directory, flushed
+with ``fsync`` and then renamed over its final name with ``os.replace`` (atomic on POSIX and Windows).
+A process killed mid-write therefore leaves either the complete file or a ``.*.tmp`` file that readers
+ignore and the next :class:`StoreWriter` on the directory deletes. Steps are numbered contiguously
+from 0, so ``num_steps`` is the number of step files.
+
+Laziness: :func:`open_store` reads only ``manifest.json`` and lists ``steps/``; a step file is opened
+(with :func:`safetensors.safe_open`, which reads just the requested tensors) only when one of its
+tensors or its metadata is asked for. Step headers are kept in a small LRU cache.
+
+One writer per store at a time; any number of readers, also in other processes, while it writes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from functools import lru_cache
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    import pandas as pd
+
+logger = logging.getLogger(__name__)
+
 FORMAT = "attnprobe-trajectory-store"
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = (1,)
 MANIFEST = "manifest.json"
-STEPS = "steps"
+STEPS_DIR = "steps"
 HESSIANS = "hessians.safetensors"
-_TMP_SUFFIX = ".tmp"
+AGGREGATES = ("layer", "key")  # to_pandas(aggregate=...): sum over heads / over layers and heads
+LINEAR_STAT_FIELDS = ("sumsq", "wsumsq", "cand_rows")
+
+_STEP_FILE = re.compile(r"^(\d{6})\.safetensors$")
+_TEMP_FILE = re.compile(r"^\..+\.tmp$")  # what _atomic_write leaves behind when killed
+_HEADER_CACHE = 128
 
 
 class StoreError(ValueError):
-    """A path that is not a readable trajectory store; the message names the file."""
+    """A path that is not a trajectory store, or a store whose files are missing, corrupt or unreadable."""
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+# -- small helpers -------------------------------------------------------------------------------------
 
 
-def _write_json(path: Path, data: dict) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, sort_keys=True)))
-
-
-def _step_name(index: int) -> str:
+def step_filename(index: int) -> str:
+    """Name of step ``index``'s file inside ``steps/``, e.g. ``000003.safetensors``."""
     return f"{index:06d}.safetensors"
 
 
-class TrajectoryStore:
-    """Read a trajectory store lazily.
+def _jsonable(value: Any) -> Any:
+    """``json.dumps`` fallback: 0-dim tensors and numpy scalars become numbers, small tensors lists."""
+    if isinstance(value, Tensor) or hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
-    Open one with :func:`open_store` (``attnprobe.open``). While a recording is running, the same
-    object sees steps as they complete.
+
+def _dumps(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value, default=_jsonable)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{what} must be JSON-serialisable ({err}); pass numbers, strings, lists and dicts "
+            "(e.g. t=float(t), not a tensor of several values)."
+        ) from None
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (not possible, and not needed, on Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(target: Path, write: Any) -> None:
+    """Call ``write(temp_path)``, fsync the temp file, then ``os.replace`` it onto ``target``."""
+    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(temp)
+        with open(temp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _save_tensors(target: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> None:
+    """Write ``tensors`` atomically to ``target``: on the CPU, contiguous, not sharing memory."""
+    out: dict[str, Tensor] = {}
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tensor names written to {target} must be non-empty strings, got {name!r}")
+        if not isinstance(tensor, Tensor):
+            raise TypeError(
+                f"{name!r} written to {target} must be a torch.Tensor, got {type(tensor).__name__}"
+            )
+        t = tensor.detach().to("cpu").contiguous()
+        # safetensors refuses tensors sharing storage (views of one buffer): give each its own.
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        out[name] = t
+    _atomic_write(target, lambda temp: save_file(out, temp, metadata=metadata))
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """Read and check ``path/manifest.json``, raising :class:`StoreError` that says what is wrong."""
+    hint = f"record one with attnprobe.record(model, {str(path)!r})"
+    if not path.exists():
+        raise StoreError(f"no attnprobe store at {path}: the path does not exist; {hint}.")
+    if not path.is_dir():
+        raise StoreError(f"{path} is not an attnprobe store: it is a file, not a directory; {hint}.")
+    file = path / MANIFEST
+    if not file.is_file():
+        raise StoreError(f"{path} is not an attnprobe store (no {MANIFEST}); {hint}.")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise StoreError(f"cannot read {file}: {err}; check its permissions.") from None
+    except json.JSONDecodeError as err:
+        raise StoreError(
+            f"{file} is not valid JSON ({err}); the store's manifest is corrupt: restore it from a "
+            "backup or record the store again."
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise StoreError(
+            f"{file} is not an attnprobe manifest (format {found!r}, expected {FORMAT!r}); {path} is "
+            f"not an attnprobe store; {hint}."
+        )
+    version = manifest.get("schema_version")
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise StoreError(
+            f"{file} has schema_version {version!r}; this attnprobe reads schema version(s) "
+            f"{', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}: upgrade attnprobe to read this store."
+        )
+    for key in ("fingerprint", "options"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise StoreError(f"{file}: {key!r} must be a JSON object; the manifest is corrupt.")
+        manifest.setdefault(key, {})
+    return manifest
+
+
+def _attnprobe_version() -> str:
+    try:
+        from attnprobe import __version__
+    except ImportError:  # attnprobe/__init__ still importing
+        return "unknown"
+    return __version__
+
+
+# -- reading -------------------------------------------------------------------------------------------
+
+
+class TrajectoryStore:
+    """Lazy reader of a trajectory store directory (create with :func:`open_store`).
+
+    Nothing but ``manifest.json`` and the listing of ``steps/`` is read until a step is asked for.
+    ``num_steps`` re-lists ``steps/``, so a store being written (by this process or another) shows every
+    completed step. Steps are numbered ``0 .. num_steps - 1``; asking for another raises ``IndexError``.
+
+    A store created by ``StoreWriter.create(None, ...)`` (``attnprobe.record(model)`` without a path)
+    owns its temporary directory: the directory is deleted when this object is closed or garbage
+    collected. Stores at a user path are never deleted by closing them.
 
     Example:
-        >>> store = attnprobe.open("runs/gen")               # doctest: +SKIP
-        >>> store.attention_mass(0).shape                     # doctest: +SKIP
-        torch.Size([32, 1, 32, 4096])
+        >>> store = open_store("runs/gen")                               # doctest: +SKIP
+        >>> store.num_steps, store.layers[:1]                            # doctest: +SKIP
+        (64, ['model.layers.0.self_attn'])
+        >>> store.attention_mass(0).shape  # (layers, batch, heads, keys)  # doctest: +SKIP
+        torch.Size([32, 1, 32, 128])
     """
 
-    def __init__(self, path: str | Path, *, _owner: Any = None) -> None:
-        self.path = Path(path)
-        self._owner = _owner  # keeps a temporary directory alive as long as this object
-        self._manifest = self._read_manifest()
-        self._meta_cache = lru_cache(maxsize=256)(self._read_metadata)
+    def __init__(self, path: str | Path, *, _tempdir: tempfile.TemporaryDirectory | None = None) -> None:
+        self._path = Path(path)
+        self._tempdir = _tempdir
+        self._manifest = _read_manifest(self._path)
+        self._manifest_stamp = self._stamp()
+        self._count = 0
+        self._headers: OrderedDict[int, tuple[tuple[str, ...], dict[str, Any], dict[str, list[str]]]] = (
+            OrderedDict()
+        )
+        self._refresh()
 
-    # -- manifest -----------------------------------------------------------------------------------
+    # -- manifest ------------------------------------------------------------------------------------
 
-    def _read_manifest(self) -> dict[str, Any]:
-        file = self.path / MANIFEST
-        if not file.is_file():
-            raise StoreError(
-                f"{self.path} is not an attnprobe store (no {MANIFEST}); record one with "
-                f"attnprobe.record(model, {str(self.path)!r})"
-            )
+    def _stamp(self) -> tuple[int, int, int] | None:
+        # The manifest is replaced, never edited in place: a new inode marks a new version.
         try:
-            manifest = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise StoreError(f"{file} is corrupt ({err}); re-record the store or restore the file") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise StoreError(f"{file} is not an attnprobe manifest (format should be {FORMAT!r})")
-        if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(
-                f"{file} has schema version {manifest.get('schema_version')}; this attnprobe reads version "
-                f"{SCHEMA_VERSION}. Use the attnprobe version that wrote it."
-            )
-        return manifest
+            st = (self._path / MANIFEST).stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
-    def reload(self) -> None:
-        """Re-read the manifest (a running recording updates it after its first step)."""
-        self._manifest = self._read_manifest()
+    def _reload(self) -> None:
+        self._manifest = _read_manifest(self._path)
+        self._manifest_stamp = self._stamp()
+
+    def _current_manifest(self) -> dict[str, Any]:
+        # Another process may update the fingerprint (layers are known after step 0): re-read on change.
+        if self._stamp() != self._manifest_stamp:
+            self._reload()
+        return self._manifest
 
     @property
-    def schema_version(self) -> int:
-        return self._manifest["schema_version"]
+    def path(self) -> Path:
+        """The store directory."""
+        return self._path
 
     @property
     def fingerprint(self) -> dict[str, Any]:
-        return self._manifest["fingerprint"]
+        """What was recorded: ``model_class``, ``layers``, ``heads``, ``linears`` (a copy)."""
+        return json.loads(json.dumps(self._current_manifest()["fingerprint"]))
 
     @property
     def options(self) -> dict[str, Any]:
-        return self._manifest["options"]
+        """The recording options (``linear_stats``, ``sink_std``, ...; a copy)."""
+        return json.loads(json.dumps(self._current_manifest()["options"]))
+
+    @property
+    def schema_version(self) -> int:
+        """Version of the on-disk layout."""
+        return int(self._manifest["schema_version"])
 
     @property
     def layers(self) -> list[str]:
-        """Attention module names, in the order of their first call."""
-        return list(self.fingerprint.get("layers", []))
+        """Attention module names in forward order; ``mass/<i>`` belongs to ``layers[i]``."""
+        return list(self._current_manifest()["fingerprint"].get("layers") or [])
 
-    # -- steps --------------------------------------------------------------------------------------
+    # -- steps ---------------------------------------------------------------------------------------
 
-    def _step_files(self) -> list[Path]:
-        directory = self.path / STEPS
-        if not directory.is_dir():
-            return []
-        return sorted(p for p in directory.iterdir() if p.suffix == ".safetensors" and not p.name.startswith("."))
+    def _refresh(self) -> int:
+        """List ``steps/`` and return the number of steps, checking they are numbered 0, 1, ..."""
+        steps = self._path / STEPS_DIR
+        try:
+            names = os.listdir(steps)
+        except FileNotFoundError:
+            names = []
+        except OSError as err:
+            raise StoreError(f"cannot list {steps}: {err}; check its permissions.") from None
+        indices = sorted(int(m.group(1)) for m in map(_STEP_FILE.match, names) if m)
+        if indices and indices[-1] != len(indices) - 1:
+            missing = next(i for i, index in enumerate(indices) if i != index)
+            raise StoreError(
+                f"{steps / step_filename(missing)} is missing: the store has {len(indices)} step files up to "
+                f"{step_filename(indices[-1])}, and steps must be numbered contiguously from 0. Restore the "
+                "file, or move the steps after it out of the store and read the steps before it."
+            )
+        self._count = len(indices)
+        return self._count
 
     @property
     def num_steps(self) -> int:
-        """Completed steps on disk."""
-        files = self._step_files()
-        for expected, file in enumerate(files):
-            if file.name != _step_name(expected):
-                raise StoreError(
-                    f"{self.path / STEPS / _step_name(expected)} is missing (steps must be numbered from 0 "
-                    "without gaps); the store was edited by hand or partly deleted"
-                )
-        return len(files)
+        """Number of completed steps (re-read from disk: a store being written grows)."""
+        return self._refresh()
 
     def __len__(self) -> int:
         return self.num_steps
 
     def __iter__(self) -> Iterator[int]:
+        """Step indices ``0 .. num_steps - 1`` (as many as are complete when iteration starts)."""
         return iter(range(self.num_steps))
 
-    def _file(self, step: int) -> Path:
-        count = self.num_steps
-        if not -count <= step < count:
-            raise IndexError(f"step {step} out of range: the store at {self.path} has steps 0..{count - 1}")
-        return self.path / STEPS / _step_name(step % count)
+    def step_path(self, step: int) -> Path:
+        """The file of step ``step`` (which must exist, see :attr:`num_steps`)."""
+        return self._path / STEPS_DIR / step_filename(self._check_step(step))
 
-    def _read_metadata(self, file: Path) -> tuple[dict[str, str], frozenset[str]]:
+    def _check_step(self, step: int) -> int:
+        """``step`` as an int in ``0 .. num_steps - 1``, else ``IndexError`` with the valid range."""
+        if isinstance(step, bool) or not hasattr(step, "__index__"):
+            raise TypeError(f"step must be an int, got {type(step).__name__}")
+        step = int(step)  # also numpy / 0-dim tensor integers
+        if 0 <= step < self._count or 0 <= step < self._refresh():
+            return step
+        valid = f"steps 0..{self._count - 1}" if self._count else "no steps yet"
+        raise IndexError(f"step {step} is out of range: the store at {self._path} has {valid}.")
+
+    def _open(self, step: int):
+        """``safe_open`` of a step file, with errors that name the file."""
+        step = self._check_step(step)
+        file = self._path / STEPS_DIR / step_filename(step)
         try:
-            with safe_open(str(file), framework="pt") as f:
-                return f.metadata() or {}, frozenset(f.keys())
-        except Exception as err:  # safetensors raises its own error types for corrupt headers
-            raise StoreError(f"{file} is unreadable ({err}); delete it and the steps after it") from None
+            return safe_open(file, framework="pt", device="cpu")
+        except (OSError, SafetensorError) as err:
+            if not file.exists():
+                raise StoreError(
+                    f"{file} is missing (step {step} of {self._count}); restore it, or record the store again."
+                ) from None
+            raise StoreError(
+                f"{file} is unreadable ({err}); the step file is corrupt or truncated. Delete it and the "
+                "steps after it to keep the steps before it, or record the store again."
+            ) from None
 
-    def _keys(self, step: int) -> frozenset[str]:
-        return self._meta_cache(self._file(step))[1]
+    def _header(self, step: int, handle: Any | None = None):
+        step = self._check_step(step)
+        cached = self._headers.get(step)
+        if cached is not None:
+            self._headers.move_to_end(step)
+            return cached
+        if handle is None:
+            with self._open(step) as f:
+                return self._header(step, f)
+        file = self._path / STEPS_DIR / step_filename(step)
+        raw = handle.metadata() or {}
+        try:
+            meta = json.loads(raw.get("meta", "{}"))
+            groups = json.loads(raw.get("groups", "{}"))
+        except json.JSONDecodeError as err:
+            raise StoreError(f"{file} has corrupt metadata ({err}); record the store again.") from None
+        header = (tuple(handle.keys()), meta, groups)
+        self._headers[step] = header
+        if len(self._headers) > _HEADER_CACHE:
+            self._headers.popitem(last=False)
+        return header
 
-    def _tensor(self, step: int, key: str) -> Tensor:
-        file = self._file(step)
-        with safe_open(str(file), framework="pt") as f:
-            return f.get_tensor(key)
+    def _read(self, step: int, select: Any) -> dict[str, Tensor]:
+        """Tensors of step ``step`` whose names satisfy ``select(name)``, in one open of its file."""
+        with self._open(step) as f:
+            names = self._header(step, f)[0]
+            return {name: f.get_tensor(name) for name in names if select(name)}
 
-    def step_meta(self, step: int) -> dict[str, Any]:
-        """Step index, mask ratio, number of forwards and user metadata of a step."""
-        return json.loads(self._meta_cache(self._file(step))[0].get("meta", "{}"))
+    def tensor_names(self, step: int) -> list[str]:
+        """Names of every tensor in step ``step``'s file (``mass/0``, ``valid``, ``stats/<g>/sumsq``, ...)."""
+        return list(self._header(step)[0])
 
-    def linear_groups(self, step: int) -> dict[str, list[str]]:
-        """Input groups of a step: ``{group: [linear names fed the same input]}``."""
-        return json.loads(self._meta_cache(self._file(step))[0].get("groups", "{}"))
+    def tensor(self, step: int, name: str) -> Tensor:
+        """One tensor of step ``step`` by its name in the file, as stored."""
+        tensors = self._read(step, lambda n: n == name)
+        if name not in tensors:
+            raise KeyError(
+                f"step {step} of {self._path} has no tensor {name!r}; it has {self.tensor_names(step)}"
+            )
+        return tensors[name]
+
+    # -- attention -----------------------------------------------------------------------------------
+
+    def _mass_layers(self, step: int) -> list[int]:
+        return sorted(int(n[5:]) for n in self._header(step)[0] if n.startswith("mass/") and n[5:].isdigit())
+
+    def _layer_index(self, layer: int | str) -> int:
+        if isinstance(layer, str):
+            layers = self.layers
+            if layer not in layers:
+                raise KeyError(f"{layer!r} is not a layer of the store at {self._path}; its layers are {layers}")
+            return layers.index(layer)
+        if isinstance(layer, bool) or not hasattr(layer, "__index__"):
+            raise TypeError(f"layer must be an index or a layer name, got {type(layer).__name__}")
+        return int(layer)
 
     def layer_mass(self, step: int, layer: int | str) -> Tensor:
-        """Attention mass of one layer at one step, float32 (batch, heads, keys).
+        """Attention mass of one layer at one step.
+
+        Args:
+            step: step index.
+            layer: index into :attr:`layers`, or the layer's module name.
+
+        Returns:
+            ``(batch, q_heads, keys)`` float32: attention received by each key, summed over queries.
 
         Raises:
-            KeyError: if the layer did not run in that step.
+            IndexError: ``step`` or ``layer`` out of range.
+            KeyError: the layer has no mass at this step (it did not run in every forward of the step).
+
+        Example:
+            >>> store.layer_mass(0, "model.layers.0.self_attn").shape    # doctest: +SKIP
+            torch.Size([1, 32, 128])
         """
-        index = self.layers.index(layer) if isinstance(layer, str) else layer
-        key = f"mass/{index}"
-        if key not in self._keys(step):
-            raise KeyError(f"layer {layer!r} has no mass at step {step} of {self.path}")
-        return self._tensor(step, key)
+        index = self._layer_index(layer)
+        present = self._mass_layers(step)
+        if index not in present:
+            known = max(len(self.layers), present[-1] + 1 if present else 0)
+            if not 0 <= index < known:
+                raise IndexError(f"layer {layer} is out of range: the store at {self._path} has layers 0..{known - 1}")
+            raise KeyError(
+                f"layer {layer} has no attention mass at step {step} of {self._path} (recorded layers: "
+                f"{present}); it did not run in every forward of that step."
+            )
+        return self._read(step, lambda n: n == f"mass/{index}")[f"mass/{index}"]
 
     def attention_mass(self, step: int) -> Tensor:
-        """Attention mass of every layer at one step, float32 (layers, batch, heads, keys)."""
-        masses = [self.layer_mass(step, i) for i in range(len(self.layers)) if f"mass/{i}" in self._keys(step)]
+        """Attention mass of every layer at one step, stacked.
+
+        Args:
+            step: step index.
+
+        Returns:
+            ``(layers, batch, q_heads, keys)`` float32, layer ``i`` being ``layers[i]``.
+
+        Raises:
+            ValueError: layers differ in heads or keys (e.g. an encoder-decoder); read them one at a
+                time with :meth:`layer_mass`.
+            KeyError: a layer has no mass at this step.
+
+        Example:
+            >>> store.attention_mass(0).sum(dim=(0, 2))  # (batch, keys) mass over layers and heads  # doctest: +SKIP
+        """
+        present = self._mass_layers(step)
+        expected = range(max(len(self.layers), present[-1] + 1 if present else 0))
+        missing = [i for i in expected if i not in present]
+        if missing:
+            raise KeyError(
+                f"step {step} of {self._path} has no attention mass for layer(s) {missing}; read the "
+                f"recorded layers {present} with layer_mass(step, layer)."
+            )
+        tensors = self._read(step, lambda n: n.startswith("mass/"))
+        masses = [tensors[f"mass/{i}"] for i in expected]
         shapes = {tuple(m.shape) for m in masses}
         if len(shapes) > 1:
             raise ValueError(
-                f"layers of step {step} differ in shape ({sorted(shapes)}); read them one at a time with "
-                "store.layer_mass(step, layer)"
+                f"the layers of step {step} of {self._path} have different mass shapes {sorted(shapes)} "
+                "(batch, heads, keys), so they cannot be stacked; use layer_mass(step, layer) per layer."
             )
+        if not masses:
+            raise KeyError(f"step {step} of {self._path} holds no attention mass.")
         return torch.stack(masses)
 
+    # -- per-step tensors and metadata ---------------------------------------------------------------
+
     def input_ids(self, step: int) -> Tensor | None:
-        """The step's input ids (batch, seq), or None when the model got none."""
-        return self._tensor(step, "input_ids") if "input_ids" in self._keys(step) else None
+        """``(batch, seq)`` int64 token ids of the step, or ``None`` when they were not recorded."""
+        return self._read(step, lambda n: n == "input_ids").get("input_ids")
 
     def valid(self, step: int) -> Tensor:
-        """Bool (batch, seq), False on padding."""
-        return self._tensor(step, "valid")
+        """``(batch, seq)`` bool, False on padding; all True (shaped like the mass) when not recorded."""
+        tensors = self._read(step, lambda n: n == "valid")
+        if "valid" in tensors:
+            return tensors["valid"]
+        names = self._header(step)[0]
+        for name in ("input_ids", *(n for n in names if n.startswith("mass/"))):
+            if name in names:
+                with self._open(step) as f:
+                    shape = f.get_slice(name).get_shape()
+                return torch.ones(shape[0], shape[-1], dtype=torch.bool)
+        raise StoreError(f"{self.step_path(step)} has neither 'valid' nor a tensor to infer its shape from.")
+
+    def step_meta(self, step: int) -> dict[str, Any]:
+        """Metadata of the step: ``step``, ``mask_ratio``, ``num_forwards`` and user fields (e.g. ``t``)."""
+        return json.loads(json.dumps(self._header(step)[1]))
+
+    def linear_groups(self, step: int) -> dict[str, list[str]]:
+        """Input groups of the step: group name -> the linears fed that same input (e.g. q/k/v)."""
+        return {g: list(names) for g, names in self._header(step)[2].items()}
 
     def linear_stats(self, step: int) -> dict[str, dict[str, Tensor]]:
-        """``{group: {"sumsq", "wsumsq", "cand_rows"}}`` of a step (empty without linear statistics)."""
+        """Linear-input statistics: group -> ``{"sumsq", "wsumsq", "cand_rows"}``; ``{}`` if not recorded.
+
+        ``sumsq``/``wsumsq`` are ``(batch, in)``, ``cand_rows`` is ``(n, in)`` aligned with
+        :meth:`candidates`.
+        """
         out: dict[str, dict[str, Tensor]] = {}
-        file = self._file(step)
-        keys = [k for k in self._keys(step) if k.startswith("stats/")]
-        if not keys:
-            return out
-        with safe_open(str(file), framework="pt") as f:
-            for key in keys:
-                group, name = key[len("stats/"):].rsplit("/", 1)
-                out.setdefault(group, {})[name] = f.get_tensor(key)
+        for name, tensor in self._read(step, lambda n: n.startswith("stats/")).items():
+            group, field = name[len("stats/"):].rsplit("/", 1)
+            out.setdefault(group, {})[field] = tensor
         return out
 
     def candidates(self, step: int) -> Tensor:
-        """(n, 2) rows (sample, position) of the candidate tokens whose input rows were kept."""
-        if "cand_index" not in self._keys(step):
-            return torch.zeros(0, 2, dtype=torch.int64)
-        return self._tensor(step, "cand_index")
+        """``(n, 2)`` int64 rows ``(batch, position)`` of the step's candidate tokens (empty if none)."""
+        found = self._read(step, lambda n: n == "cand_index").get("cand_index")
+        return found if found is not None else torch.zeros(0, 2, dtype=torch.int64)
 
     def hessians(self) -> dict[str, dict[str, Tensor]] | None:
-        """``{group: {"plain", "weighted", "nsamples"}}`` or None when not recorded."""
-        file = self.path / HESSIANS
-        if not file.is_file():
+        """``XᵀX`` per input group: group -> ``{"plain", "weighted", "nsamples"}``, or ``None`` if absent."""
+        file = self._path / HESSIANS
+        if not file.exists():
             return None
         out: dict[str, dict[str, Tensor]] = {}
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                group, name = key.rsplit("/", 1)
-                out.setdefault(group, {})[name] = f.get_tensor(key)
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    group, field = name.rsplit("/", 1)
+                    out.setdefault(group, {})[field] = f.get_tensor(name)
+        except (OSError, SafetensorError) as err:
+            raise StoreError(
+                f"{file} is unreadable ({err}); it is corrupt or truncated: delete it and record the "
+                "calibration again with hessians=True."
+            ) from None
         return out
 
-    def to_pandas(self, steps: list[int] | None = None):
-        """Long table of attention mass: columns step, layer, batch, head, key, mass."""
+    # -- tables --------------------------------------------------------------------------------------
+
+    def to_pandas(
+        self,
+        steps: Iterable[int] | None = None,
+        layers: Sequence[int | str] | None = None,
+        *,
+        aggregate: str | None = None,
+    ) -> pd.DataFrame:
+        """Attention mass as a long table, one row per (step, layer, batch, head, key).
+
+        Large: ``steps x layers x batch x heads x keys`` rows; select steps/layers or aggregate.
+
+        Args:
+            steps: step indices (default: all).
+            layers: layer indices or names (default: all); layers absent at a step are skipped.
+            aggregate: ``None`` keeps every head; ``"layer"`` sums over heads (no ``head`` column);
+                ``"key"`` sums over layers and heads (columns step, batch, key, mass).
+
+        Returns:
+            DataFrame with columns ``step, layer, batch, head, key, mass`` (``layer`` is the index into
+            :attr:`layers`; ``mass`` float32).
+
+        Example:
+            >>> df = store.to_pandas(steps=[0], aggregate="key")        # doctest: +SKIP
+            >>> df.groupby("key").mass.mean().nlargest(3)                # doctest: +SKIP
+        """
+        import numpy as np
         import pandas as pd
 
+        if aggregate is not None and aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be None or one of {AGGREGATES}, got {aggregate!r}")
+        columns = {None: ["step", "layer", "batch", "head", "key", "mass"],
+                   "layer": ["step", "layer", "batch", "key", "mass"],
+                   "key": ["step", "batch", "key", "mass"]}[aggregate]
+        steps = list(range(self.num_steps) if steps is None else steps)
+        wanted = None if layers is None else [self._layer_index(layer) for layer in layers]
         frames = []
-        for step in steps if steps is not None else range(self.num_steps):
-            for index, name in enumerate(self.layers):
-                try:
-                    mass = self.layer_mass(step, index)
-                except KeyError:
-                    continue
-                b, h, k = torch.meshgrid(*(torch.arange(n) for n in mass.shape), indexing="ij")
-                frames.append(
-                    pd.DataFrame({
-                        "step": step, "layer": name, "batch": b.flatten().numpy(), "head": h.flatten().numpy(),
-                        "key": k.flatten().numpy(), "mass": mass.flatten().numpy(),
-                    })
-                )
-        columns = ["step", "layer", "batch", "head", "key", "mass"]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+        for step in steps:
+            present = self._mass_layers(step)
+            chosen = present if wanted is None else [i for i in wanted if i in present]
+            tensors = self._read(step, lambda n: n.startswith("mass/"))
+            for i in chosen:
+                mass = tensors[f"mass/{i}"].to(torch.float32)  # (batch, heads, keys)
+                if aggregate is not None:
+                    mass = mass.sum(dim=1, keepdim=True)
+                grid = np.indices(tuple(mass.shape)).reshape(3, -1)
+                frame = {"step": np.full(grid.shape[1], step), "layer": np.full(grid.shape[1], i),
+                         "batch": grid[0], "head": grid[1], "key": grid[2], "mass": mass.reshape(-1).numpy()}
+                frames.append(pd.DataFrame({c: frame[c] for c in columns}))
+        if not frames:
+            return pd.DataFrame({c: pd.Series(dtype="float32" if c == "mass" else "int64") for c in columns})
+        table = pd.concat(frames, ignore_index=True)
+        if aggregate == "key":
+            table = table.groupby(["step", "batch", "key"], as_index=False, sort=True)["mass"].sum()
+        return table.astype({c: "int64" for c in columns if c != "mass"})
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Drop cached headers; a store that owns a temporary directory deletes it."""
+        self._headers.clear()
+        if self._tempdir is not None:
+            self._tempdir.cleanup()
+            self._tempdir = None
+
+    def __enter__(self) -> TrajectoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
+        try:
+            fingerprint, options, steps = self.fingerprint, self.options, self.num_steps
+        except (StoreError, OSError) as err:
+            return f"TrajectoryStore({str(self._path)!r}, unreadable: {err})"
+        extras = [f"{k}=True" for k in ("linear_stats", "hessians") if options.get(k)]
+        temporary = ", temporary" if self._tempdir is not None else ""
         return (
-            f"TrajectoryStore({str(self.path)!r}, steps={self.num_steps}, layers={len(self.layers)}, "
-            f"model={self.fingerprint.get('model_class')})"
+            f"TrajectoryStore({str(self._path)!r}, steps={steps}, layers={len(fingerprint.get('layers') or [])}, "
+            f"model={fingerprint.get('model_class', '?')}{''.join(', ' + e for e in extras)}{temporary})"
         )
 
 
-class StoreWriter:
-    """Create a store and append steps to it, one atomic file per step."""
+def open_store(path: str | Path) -> TrajectoryStore:
+    """Open a trajectory store for reading (exported as ``attnprobe.open``).
 
-    def __init__(self, path: Path, tempdir: tempfile.TemporaryDirectory | None) -> None:
-        self.path = path
-        self.store = TrajectoryStore(path, _owner=tempdir)
-        self._next = self.store.num_steps
+    Reads ``manifest.json`` and lists ``steps/``; step files are read only when asked for.
+
+    Args:
+        path: the store directory.
+
+    Returns:
+        A :class:`TrajectoryStore`.
+
+    Raises:
+        StoreError: the path is missing or not a store, its manifest is corrupt or of an unsupported
+            schema version, or a step file is missing from the numbering.
+
+    Example:
+        >>> store = attnprobe.open("runs/gen")                          # doctest: +SKIP
+        >>> store.step_meta(0)["mask_ratio"]                             # doctest: +SKIP
+        1.0
+    """
+    return TrajectoryStore(path)
+
+
+# -- writing -------------------------------------------------------------------------------------------
+
+
+def _normalise(value: Any, what: str) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), checking it is serialisable."""
+    return json.loads(_dumps(value, what))
+
+
+def _differing(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys set (non-empty) on both sides with different values."""
+    empty = (None, [], {}, "")
+    return sorted(k for k in old.keys() & new.keys() if old[k] not in empty and new[k] not in empty and old[k] != new[k])
+
+
+def _remove_temp_files(path: Path) -> None:
+    for directory in (path, path / STEPS_DIR):
+        if directory.is_dir():
+            for entry in directory.iterdir():
+                if _TEMP_FILE.match(entry.name) and entry.is_file():
+                    logger.info("attnprobe: removing %s left by an interrupted write", entry)
+                    entry.unlink(missing_ok=True)
+
+
+class StoreWriter:
+    """Writes a trajectory store, one atomic file per step; create it with :meth:`create`.
+
+    The writer's :attr:`store` is a :class:`TrajectoryStore` on the same directory that reads every
+    completed step while writing goes on (``store.num_steps`` counts them). With ``path=None`` that
+    store owns a temporary directory, which lives as long as the store object (see
+    :class:`TrajectoryStore`), not merely as long as the writer.
+
+    Example:
+        >>> writer = StoreWriter.create(None, fingerprint={"layers": ["attn"]}, options={})
+        >>> writer.write_step({"mass/0": torch.ones(1, 2, 3)}, {"t": 0.5}, {})
+        0
+        >>> writer.store.attention_mass(0).shape
+        torch.Size([1, 1, 2, 3])
+    """
+
+    def __init__(self, store: TrajectoryStore) -> None:
+        self._store = store
+        self._next = store.num_steps
+        self._closed = False
 
     @classmethod
     def create(
@@ -284,83 +673,198 @@ class StoreWriter:
         overwrite: bool = False,
         append: bool = False,
     ) -> StoreWriter:
-        """Create (or reopen for appending) the store at ``path``; ``None`` → a temporary directory."""
-        tempdir = None
+        """Start a store at ``path`` (a new or empty directory), or replace / extend an existing one.
+
+        Args:
+            path: store directory (created with its parents); ``None`` makes a temporary directory
+                owned by ``writer.store``, deleted when that object is closed or garbage collected.
+            fingerprint: what is recorded (``model_class``, ``layers``, ``heads``, ``linears``).
+            options: recording options, kept in the manifest.
+            overwrite: delete an existing store at ``path`` (only its manifest, steps and Hessians:
+                other files, and directories that are not stores, are never deleted).
+            append: add steps after the existing store's last completed step. Its fingerprint and
+                options must match these (fields still empty on either side, such as ``layers``
+                before the first step, are not compared).
+
+        Returns:
+            A :class:`StoreWriter`.
+
+        Raises:
+            ValueError: ``path`` holds a store and neither ``overwrite`` nor ``append`` is set, holds
+                other files, or (``append``) a store of another model or other options.
+
+        Example:
+            >>> writer = StoreWriter.create("runs/x", fingerprint={}, options={}, overwrite=True)  # doctest: +SKIP
+        """
+        if overwrite and append:
+            raise ValueError("overwrite=True and append=True exclude each other; pass one of them.")
+        fingerprint = _normalise(fingerprint, "the store fingerprint")
+        options = _normalise(options, "the store options")
         if path is None:
-            tempdir = tempfile.TemporaryDirectory(prefix="attnprobe-")
-            path = Path(tempdir.name)
-        path = Path(path)
-        is_store = (path / MANIFEST).is_file()
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"{path} exists and is not a directory; choose another store path")
-        if path.is_dir() and any(path.iterdir()):
-            if not is_store:
+            tempdir = tempfile.TemporaryDirectory(prefix="attnprobe-", ignore_cleanup_errors=True)
+            root = Path(tempdir.name)
+            cls._write_manifest(root, cls._new_manifest(fingerprint, options))
+            (root / STEPS_DIR).mkdir()
+            return cls(TrajectoryStore(root, _tempdir=tempdir))
+        root = Path(path)
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"cannot record into {root}: it is a file. Choose a directory path.")
+        if root.is_dir() and any(root.iterdir()):
+            if not (root / MANIFEST).exists():
                 raise ValueError(
-                    f"{path} is a non-empty directory that is not an attnprobe store; attnprobe will not write "
-                    "into it. Choose a new or empty directory."
+                    f"{root} is not empty and is not an attnprobe store (no {MANIFEST}); attnprobe never "
+                    "writes into or deletes other files, even with overwrite=True. Choose a new or empty directory."
                 )
+            try:
+                existing = TrajectoryStore(root)
+            except StoreError as err:
+                raise StoreError(
+                    f"{err} (overwrite=True deletes only a readable attnprobe store: delete {root} yourself "
+                    "if it is disposable, or choose another path.)"
+                ) from None
             if append:
-                existing = TrajectoryStore(path)
-                _check_same_model(path, existing.fingerprint, fingerprint)
-                return cls(path, None)
+                return cls._append(existing, fingerprint, options)
             if not overwrite:
                 raise ValueError(
-                    f"{path} already holds a store with {TrajectoryStore(path).num_steps} steps; pass "
-                    "overwrite=True to replace it or append=True to add steps"
+                    f"{root} already holds an attnprobe store ({existing.num_steps} steps); pass "
+                    "overwrite=True to replace it, append=True to add steps to it, or choose another path."
                 )
-            shutil.rmtree(path)
-        (path / STEPS).mkdir(parents=True, exist_ok=True)
-        manifest = {
-            "format": FORMAT,
+            cls._delete_store(root)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / STEPS_DIR).mkdir(exist_ok=True)
+        cls._write_manifest(root, cls._new_manifest(fingerprint, options))
+        return cls(TrajectoryStore(root))
+
+    @classmethod
+    def _append(cls, existing: TrajectoryStore, fingerprint: dict[str, Any], options: dict[str, Any]) -> StoreWriter:
+        old = existing.fingerprint
+        for what, before, after in (("fingerprint", old, fingerprint), ("options", existing.options, options)):
+            keys = _differing(before, after)
+            if keys:
+                shown = "; ".join(f"{k}: stored {before[k]!r}, now {after[k]!r}" for k in keys)
+                raise ValueError(
+                    f"cannot append to {existing.path / MANIFEST}: its {what} differs in {keys} ({shown[:500]}). "
+                    "Append only recordings of the same model with the same options, or record into a new path."
+                )
+        _remove_temp_files(existing.path)
+        writer = cls(existing)
+        merged = {**old, **{k: v for k, v in fingerprint.items() if old.get(k) in (None, [], {}, "")}}
+        if merged != old:
+            writer.update_fingerprint(**merged)
+        logger.info("attnprobe: appending to %s after step %d", existing.path, writer._next - 1)
+        return writer
+
+    @staticmethod
+    def _new_manifest(fingerprint: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+        return {
             "schema_version": SCHEMA_VERSION,
+            "format": FORMAT,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "attnprobe_version": _attnprobe_version(),
             "fingerprint": fingerprint,
             "options": options,
         }
-        _write_json(path / MANIFEST, manifest)
-        return cls(path, tempdir)
+
+    @staticmethod
+    def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+        text = json.dumps(manifest, indent=2) + "\n"
+        _atomic_write(root / MANIFEST, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+
+    @staticmethod
+    def _delete_store(root: Path) -> None:
+        """Delete the store's own files; the manifest last, so an interruption leaves a store."""
+        logger.info("attnprobe: overwriting the store at %s", root)
+        _remove_temp_files(root)
+        steps = root / STEPS_DIR
+        if steps.is_dir():
+            for entry in sorted(steps.iterdir(), reverse=True):  # last step first: no gaps meanwhile
+                if _STEP_FILE.match(entry.name):
+                    entry.unlink()
+            if not any(steps.iterdir()):
+                steps.rmdir()
+        (root / HESSIANS).unlink(missing_ok=True)
+        (root / MANIFEST).unlink()
+
+    # -- writing -------------------------------------------------------------------------------------
+
+    @property
+    def store(self) -> TrajectoryStore:
+        """The store being written, readable at any time."""
+        return self._store
+
+    @property
+    def path(self) -> Path:
+        """The store directory."""
+        return self._store.path
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (no more writes)."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"the writer of {self.path} is closed; open a new one with StoreWriter.create(...).")
 
     def update_fingerprint(self, **fields: Any) -> None:
-        """Rewrite the manifest with updated fingerprint fields (layers are known after step 0)."""
-        manifest = json.loads((self.path / MANIFEST).read_text())
-        manifest["fingerprint"].update(fields)
-        _write_json(self.path / MANIFEST, manifest)
-        self.store.reload()
+        """Set fingerprint fields (e.g. ``layers`` once step 0 ran), rewriting the manifest atomically.
+
+        Example:
+            >>> writer.update_fingerprint(layers=["model.layers.0.self_attn"])  # doctest: +SKIP
+        """
+        self._check_open()
+        manifest = _read_manifest(self.path)
+        manifest["fingerprint"].update(_normalise(fields, "fingerprint fields"))
+        self._write_manifest(self.path, manifest)
+        self._store._reload()
 
     def write_step(self, tensors: dict[str, Tensor], meta: dict[str, Any], groups: dict[str, list[str]]) -> int:
-        """Write the next step file atomically; return its index."""
+        """Write the next step's file atomically and return its index.
+
+        Args:
+            tensors: named tensors (layout in docs/DESIGN.md), moved to the CPU and made contiguous.
+            meta: JSON-serialisable metadata; ``step`` is set to the index, ``mask_ratio`` defaults to null.
+            groups: input group -> names of the linears fed that input.
+
+        Returns:
+            The step index.
+
+        Example:
+            >>> writer.write_step({"mass/0": mass, "valid": valid}, {"t": 0.3}, {})  # doctest: +SKIP
+            0
+        """
+        self._check_open()
         index = self._next
-        meta = {**meta, "step": index}
-        cpu = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
-        metadata = {"meta": json.dumps(meta), "groups": json.dumps(groups)}
-        _atomic_write(self.path / STEPS / _step_name(index), lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
-        self._next += 1
+        meta = {"mask_ratio": None, **meta, "step": index}
+        metadata = {"meta": _dumps(meta, "step metadata"), "groups": _dumps(groups, "step groups")}
+        _save_tensors(self.path / STEPS_DIR / step_filename(index), tensors, metadata)
+        self._next = index + 1
+        logger.debug("attnprobe: wrote %s", self.path / STEPS_DIR / step_filename(index))
         return index
 
     def write_hessians(self, tensors: dict[str, Tensor]) -> None:
-        """Write the accumulated Hessians atomically (replacing earlier ones)."""
-        cpu = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
-        _atomic_write(self.path / HESSIANS, lambda tmp: save_file(cpu, str(tmp)))
+        """Write ``hessians.safetensors`` (``<g>/plain``, ``<g>/weighted``, ``<g>/nsamples``) atomically.
 
+        Replaces an existing file.
 
-def _check_same_model(path: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
-    differing = [
-        key for key in ("model_class", "linears") if old.get(key) != new.get(key)
-    ]
-    if differing:
-        raise ValueError(
-            f"cannot append to {path}: it was recorded from another model (different {', '.join(differing)}); "
-            "record into a new store"
-        )
+        Example:
+            >>> writer.write_hessians({"q/plain": h, "q/weighted": hw, "q/nsamples": torch.tensor(8)})  # doctest: +SKIP
+        """
+        self._check_open()
+        for name in tensors:
+            if not isinstance(name, str) or "/" not in name:
+                raise ValueError(f"Hessian tensor names must be '<group>/<field>' (e.g. 'q/plain'), got {name!r}")
+        _save_tensors(self.path / HESSIANS, tensors, None)
 
+    def close(self) -> None:
+        """Stop writing (the store stays readable; a temporary one lives as long as :attr:`store`)."""
+        self._closed = True
 
-def open_store(path: str | Path) -> TrajectoryStore:
-    """Open a trajectory store for reading (``attnprobe.open``).
+    def __enter__(self) -> StoreWriter:
+        return self
 
-    Raises:
-        StoreError: for a path without a manifest, a corrupt manifest or an unsupported schema; the
-            message names the file.
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
-    Example:
-        >>> store = attnprobe.open("runs/gen")               # doctest: +SKIP
-    """
-    return TrajectoryStore(path)
+    def __repr__(self) -> str:
+        return f"StoreWriter({str(self.path)!r}, next_step={self._next}{', closed' if self._closed else ''})"

@@ -14,9 +14,11 @@ from tests import models
 def _direct(model, ids, mask, sink_std=2.0, sink_alpha=5.0):
     """Inputs of layer 0's q_proj and the sink weights, computed without attnprobe."""
     inputs = {}
-    handle = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
-        lambda m, a: inputs.setdefault("x", a[0].detach().double())
-    )
+
+    def keep_input(module, args):
+        inputs["x"] = args[0].detach().double()  # returns None: the input is not replaced
+
+    handle = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(keep_input)
     model(input_ids=ids, attention_mask=mask)
     handle.remove()
     eager = copy.deepcopy(model)
@@ -31,6 +33,12 @@ def _direct(model, ids, mask, sink_std=2.0, sink_alpha=5.0):
         thr = m.mean() + sink_std * m.std(unbiased=False)
         weights[b, valid[b]] = 1 - torch.sigmoid(sink_alpha * (m - thr))
     return inputs["x"], valid, weights
+
+
+def _assert_rel(actual, expected, tol=1e-5):
+    """Float32 accumulation against float64: error relative to the largest entry."""
+    err = (actual.double() - expected.detach()).abs().max() / expected.abs().max()
+    assert err <= tol, f"relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("two_pass", [False, True])
@@ -55,8 +63,8 @@ def test_statistics_match_direct_computation(tmp_path, two_pass):
     rows = (x * keep).reshape(-1, x.shape[-1])
     wrows = (x * keep * w[..., None]).reshape(-1, x.shape[-1])
     hessians = store.hessians()
-    assert torch.allclose(hessians[group]["plain"].double(), rows.T @ rows, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(hessians[group]["weighted"].double(), wrows.T @ wrows, rtol=1e-5, atol=1e-6)
+    _assert_rel(hessians[group]["plain"], rows.T @ rows)
+    _assert_rel(hessians[group]["weighted"], wrows.T @ wrows)
     assert int(hessians[group]["nsamples"]) == 2
     # candidate rows: the squared inputs of tokens above mean + 1·std
     index = store.candidates(0)
