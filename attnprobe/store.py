@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -296,10 +295,6 @@ class TrajectoryStore:
         """Step indices ``0 .. num_steps - 1`` (as many as are complete when iteration starts)."""
         return iter(range(self.num_steps))
 
-    def step_path(self, step: int) -> Path:
-        """The file of step ``step`` (which must exist, see :attr:`num_steps`)."""
-        return self._path / STEPS_DIR / step_filename(self._check_step(step))
-
     def _check_step(self, step: int) -> int:
         """``step`` as an int in ``0 .. num_steps - 1``, else ``IndexError`` with the valid range."""
         if isinstance(step, bool) or not hasattr(step, "__index__"):
@@ -319,7 +314,7 @@ class TrajectoryStore:
         except (OSError, SafetensorError) as err:
             if not file.exists():
                 raise StoreError(
-                    f"{file} is missing (step {step} of {self._count}); restore it, or record the store again."
+                    f"{file} is missing (step {step} of {self._count}); restore it or record the store again."
                 ) from None
             raise StoreError(
                 f"{file} is unreadable ({err}); the step file is corrupt or truncated. Delete it and the "
@@ -354,19 +349,6 @@ class TrajectoryStore:
             names = self._header(step, f)[0]
             return {name: f.get_tensor(name) for name in names if select(name)}
 
-    def tensor_names(self, step: int) -> list[str]:
-        """Names of every tensor in step ``step``'s file (``mass/0``, ``valid``, ``stats/<g>/sumsq``, ...)."""
-        return list(self._header(step)[0])
-
-    def tensor(self, step: int, name: str) -> Tensor:
-        """One tensor of step ``step`` by its name in the file, as stored."""
-        tensors = self._read(step, lambda n: n == name)
-        if name not in tensors:
-            raise KeyError(
-                f"step {step} of {self._path} has no tensor {name!r}; it has {self.tensor_names(step)}"
-            )
-        return tensors[name]
-
     # -- attention -----------------------------------------------------------------------------------
 
     def _mass_layers(self, step: int) -> list[int]:
@@ -376,7 +358,7 @@ class TrajectoryStore:
         if isinstance(layer, str):
             layers = self.layers
             if layer not in layers:
-                raise KeyError(f"{layer!r} is not a layer of the store at {self._path}; its layers are {layers}")
+                raise KeyError(f"{layer!r} is not a layer of the store at {self._path}; its layers: {layers}")
             return layers.index(layer)
         if isinstance(layer, bool) or not hasattr(layer, "__index__"):
             raise TypeError(f"layer must be an index or a layer name, got {type(layer).__name__}")
@@ -405,7 +387,9 @@ class TrajectoryStore:
         if index not in present:
             known = max(len(self.layers), present[-1] + 1 if present else 0)
             if not 0 <= index < known:
-                raise IndexError(f"layer {layer} is out of range: the store at {self._path} has layers 0..{known - 1}")
+                raise IndexError(
+                    f"layer {layer} is out of range: the store at {self._path} has layers 0..{known - 1}"
+                )
             raise KeyError(
                 f"layer {layer} has no attention mass at step {step} of {self._path} (recorded layers: "
                 f"{present}); it did not run in every forward of that step."
@@ -427,7 +411,7 @@ class TrajectoryStore:
             KeyError: a layer has no mass at this step.
 
         Example:
-            >>> store.attention_mass(0).sum(dim=(0, 2))  # (batch, keys) mass over layers and heads  # doctest: +SKIP
+            >>> total = store.attention_mass(0).sum(dim=(0, 2))  # (batch, keys)  # doctest: +SKIP
         """
         present = self._mass_layers(step)
         expected = range(max(len(self.layers), present[-1] + 1 if present else 0))
@@ -437,6 +421,8 @@ class TrajectoryStore:
                 f"step {step} of {self._path} has no attention mass for layer(s) {missing}; read the "
                 f"recorded layers {present} with layer_mass(step, layer)."
             )
+        if not present:
+            raise KeyError(f"step {step} of {self._path} holds no attention mass.")
         tensors = self._read(step, lambda n: n.startswith("mass/"))
         masses = [tensors[f"mass/{i}"] for i in expected]
         shapes = {tuple(m.shape) for m in masses}
@@ -445,8 +431,6 @@ class TrajectoryStore:
                 f"the layers of step {step} of {self._path} have different mass shapes {sorted(shapes)} "
                 "(batch, heads, keys), so they cannot be stacked; use layer_mass(step, layer) per layer."
             )
-        if not masses:
-            raise KeyError(f"step {step} of {self._path} holds no attention mass.")
         return torch.stack(masses)
 
     # -- per-step tensors and metadata ---------------------------------------------------------------
@@ -466,7 +450,8 @@ class TrajectoryStore:
                 with self._open(step) as f:
                     shape = f.get_slice(name).get_shape()
                 return torch.ones(shape[0], shape[-1], dtype=torch.bool)
-        raise StoreError(f"{self.step_path(step)} has neither 'valid' nor a tensor to infer its shape from.")
+        file = self._path / STEPS_DIR / step_filename(step)
+        raise StoreError(f"{file} has neither 'valid' nor a tensor to infer its shape from; record it again.")
 
     def step_meta(self, step: int) -> dict[str, Any]:
         """Metadata of the step: ``step``, ``mask_ratio``, ``num_forwards`` and user fields (e.g. ``t``)."""
@@ -590,8 +575,9 @@ class TrajectoryStore:
             return f"TrajectoryStore({str(self._path)!r}, unreadable: {err})"
         extras = [f"{k}=True" for k in ("linear_stats", "hessians") if options.get(k)]
         temporary = ", temporary" if self._tempdir is not None else ""
+        layers = len(fingerprint.get("layers") or [])
         return (
-            f"TrajectoryStore({str(self._path)!r}, steps={steps}, layers={len(fingerprint.get('layers') or [])}, "
+            f"TrajectoryStore({str(self._path)!r}, steps={steps}, layers={layers}, "
             f"model={fingerprint.get('model_class', '?')}{''.join(', ' + e for e in extras)}{temporary})"
         )
 
@@ -629,8 +615,13 @@ def _normalise(value: Any, what: str) -> Any:
 
 def _differing(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Keys set (non-empty) on both sides with different values."""
-    empty = (None, [], {}, "")
-    return sorted(k for k in old.keys() & new.keys() if old[k] not in empty and new[k] not in empty and old[k] != new[k])
+    both = old.keys() & new.keys()
+    return sorted(k for k in both if not _unset(old[k]) and not _unset(new[k]) and old[k] != new[k])
+
+
+def _unset(value: Any) -> bool:
+    """A fingerprint field not known yet (``layers`` before the first step)."""
+    return value is None or value == [] or value == {} or value == ""
 
 
 def _remove_temp_files(path: Path) -> None:
@@ -694,7 +685,7 @@ class StoreWriter:
                 other files, or (``append``) a store of another model or other options.
 
         Example:
-            >>> writer = StoreWriter.create("runs/x", fingerprint={}, options={}, overwrite=True)  # doctest: +SKIP
+            >>> w = StoreWriter.create("runs/x", fingerprint={}, options={}, overwrite=True)  # doctest: +SKIP
         """
         if overwrite and append:
             raise ValueError("overwrite=True and append=True exclude each other; pass one of them.")
@@ -713,7 +704,8 @@ class StoreWriter:
             if not (root / MANIFEST).exists():
                 raise ValueError(
                     f"{root} is not empty and is not an attnprobe store (no {MANIFEST}); attnprobe never "
-                    "writes into or deletes other files, even with overwrite=True. Choose a new or empty directory."
+                    "writes into or deletes other files, even with overwrite=True. Choose a new or empty "
+                    "directory."
                 )
             try:
                 existing = TrajectoryStore(root)
@@ -736,19 +728,23 @@ class StoreWriter:
         return cls(TrajectoryStore(root))
 
     @classmethod
-    def _append(cls, existing: TrajectoryStore, fingerprint: dict[str, Any], options: dict[str, Any]) -> StoreWriter:
+    def _append(
+        cls, existing: TrajectoryStore, fingerprint: dict[str, Any], options: dict[str, Any]
+    ) -> StoreWriter:
         old = existing.fingerprint
-        for what, before, after in (("fingerprint", old, fingerprint), ("options", existing.options, options)):
+        checks = (("fingerprint", old, fingerprint), ("options", existing.options, options))
+        for what, before, after in checks:
             keys = _differing(before, after)
             if keys:
                 shown = "; ".join(f"{k}: stored {before[k]!r}, now {after[k]!r}" for k in keys)
                 raise ValueError(
-                    f"cannot append to {existing.path / MANIFEST}: its {what} differs in {keys} ({shown[:500]}). "
-                    "Append only recordings of the same model with the same options, or record into a new path."
+                    f"cannot append to {existing.path / MANIFEST}: its {what} differs in {keys} "
+                    f"({shown[:500]}). Append only recordings of the same model with the same options, or "
+                    "record into a new path."
                 )
         _remove_temp_files(existing.path)
         writer = cls(existing)
-        merged = {**old, **{k: v for k, v in fingerprint.items() if old.get(k) in (None, [], {}, "")}}
+        merged = {**old, **{k: v for k, v in fingerprint.items() if _unset(old.get(k))}}
         if merged != old:
             writer.update_fingerprint(**merged)
         logger.info("attnprobe: appending to %s after step %d", existing.path, writer._next - 1)
@@ -797,14 +793,11 @@ class StoreWriter:
         """The store directory."""
         return self._store.path
 
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called (no more writes)."""
-        return self._closed
-
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError(f"the writer of {self.path} is closed; open a new one with StoreWriter.create(...).")
+            raise RuntimeError(
+                f"the writer of {self.path} is closed; reopen it with StoreWriter.create(..., append=True)."
+            )
 
     def update_fingerprint(self, **fields: Any) -> None:
         """Set fingerprint fields (e.g. ``layers`` once step 0 ran), rewriting the manifest atomically.
@@ -818,7 +811,9 @@ class StoreWriter:
         self._write_manifest(self.path, manifest)
         self._store._reload()
 
-    def write_step(self, tensors: dict[str, Tensor], meta: dict[str, Any], groups: dict[str, list[str]]) -> int:
+    def write_step(
+        self, tensors: dict[str, Tensor], meta: dict[str, Any], groups: dict[str, list[str]]
+    ) -> int:
         """Write the next step's file atomically and return its index.
 
         Args:
@@ -848,23 +843,19 @@ class StoreWriter:
         Replaces an existing file.
 
         Example:
-            >>> writer.write_hessians({"q/plain": h, "q/weighted": hw, "q/nsamples": torch.tensor(8)})  # doctest: +SKIP
+            >>> writer.write_hessians({"q/plain": h, "q/weighted": hw, "q/nsamples": n})  # doctest: +SKIP
         """
         self._check_open()
         for name in tensors:
             if not isinstance(name, str) or "/" not in name:
-                raise ValueError(f"Hessian tensor names must be '<group>/<field>' (e.g. 'q/plain'), got {name!r}")
+                raise ValueError(
+                    f"Hessian tensor names must be '<group>/<field>' (e.g. 'q/plain'), got {name!r}"
+                )
         _save_tensors(self.path / HESSIANS, tensors, None)
 
     def close(self) -> None:
         """Stop writing (the store stays readable; a temporary one lives as long as :attr:`store`)."""
         self._closed = True
-
-    def __enter__(self) -> StoreWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"StoreWriter({str(self.path)!r}, next_step={self._next}{', closed' if self._closed else ''})"
