@@ -171,8 +171,7 @@ def plot_sinks(
     variances = [v for c in columns if c.layers is not None for v in c.layers["temporal_variance"]]
     top = max([v for v in variances if not math.isnan(v)], default=0.0)
     var_top = min(max(1.25 * top, 0.01), 0.26)
-    cmap = matplotlib.colormaps["magma"].copy()
-    cmap.set_bad("#d9d9d9")  # padding and skipped steps
+    cmap = matplotlib.colormaps["magma"].with_extremes(bad="#d9d9d9")  # bad: padding, skipped steps
 
     n = len(columns)
     # A bare Figure on an Agg canvas, not pyplot: no global backend switch, no figure registry.

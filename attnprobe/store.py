@@ -90,6 +90,17 @@ def _dumps(value: Any, what: str) -> str:
         ) from None
 
 
+def _step_indices(steps: Path) -> list[int]:
+    """Sorted indices of the step files in ``steps`` (temporary files and other names ignored)."""
+    try:
+        names = os.listdir(steps)
+    except FileNotFoundError:
+        return []
+    except OSError as err:
+        raise StoreError(f"cannot list {steps}: {err}; check its permissions.") from None
+    return sorted(int(m.group(1)) for m in map(_STEP_FILE.match, names) if m)
+
+
 def _fsync_dir(directory: Path) -> None:
     """Make a rename in ``directory`` durable (not possible, and not needed, on Windows)."""
     try:
@@ -266,13 +277,7 @@ class TrajectoryStore:
     def _refresh(self) -> int:
         """List ``steps/`` and return the number of steps, checking they are numbered 0, 1, ..."""
         steps = self._path / STEPS_DIR
-        try:
-            names = os.listdir(steps)
-        except FileNotFoundError:
-            names = []
-        except OSError as err:
-            raise StoreError(f"cannot list {steps}: {err}; check its permissions.") from None
-        indices = sorted(int(m.group(1)) for m in map(_STEP_FILE.match, names) if m)
+        indices = _step_indices(steps)
         if indices and indices[-1] != len(indices) - 1:
             missing = next(i for i, index in enumerate(indices) if i != index)
             raise StoreError(
@@ -302,6 +307,7 @@ class TrajectoryStore:
         step = int(step)  # also numpy / 0-dim tensor integers
         if 0 <= step < self._count or 0 <= step < self._refresh():
             return step
+        self._refresh()
         valid = f"steps 0..{self._count - 1}" if self._count else "no steps yet"
         raise IndexError(f"step {step} is out of range: the store at {self._path} has {valid}.")
 
@@ -708,18 +714,19 @@ class StoreWriter:
                     "directory."
                 )
             try:
-                existing = TrajectoryStore(root)
+                _read_manifest(root)
             except StoreError as err:
                 raise StoreError(
-                    f"{err} (overwrite=True deletes only a readable attnprobe store: delete {root} yourself "
-                    "if it is disposable, or choose another path.)"
+                    f"{err} (overwrite=True deletes only an attnprobe store with a readable manifest: delete "
+                    f"{root} yourself if it is disposable, or choose another path.)"
                 ) from None
             if append:
-                return cls._append(existing, fingerprint, options)
+                return cls._append(TrajectoryStore(root), fingerprint, options)
             if not overwrite:
+                count = len(_step_indices(root / STEPS_DIR))
                 raise ValueError(
-                    f"{root} already holds an attnprobe store ({existing.num_steps} steps); pass "
-                    "overwrite=True to replace it, append=True to add steps to it, or choose another path."
+                    f"{root} already holds an attnprobe store ({count} steps); pass overwrite=True to "
+                    "replace it, append=True to add steps to it, or choose another path."
                 )
             cls._delete_store(root)
         root.mkdir(parents=True, exist_ok=True)
@@ -830,11 +837,17 @@ class StoreWriter:
         """
         self._check_open()
         index = self._next
+        target = self.path / STEPS_DIR / step_filename(index)
+        if target.exists():
+            raise RuntimeError(
+                f"{target} already exists: another writer is adding steps to this store. Record into a "
+                "separate path, one writer per store."
+            )
         meta = {"mask_ratio": None, **meta, "step": index}
         metadata = {"meta": _dumps(meta, "step metadata"), "groups": _dumps(groups, "step groups")}
-        _save_tensors(self.path / STEPS_DIR / step_filename(index), tensors, metadata)
+        _save_tensors(target, tensors, metadata)
         self._next = index + 1
-        logger.debug("attnprobe: wrote %s", self.path / STEPS_DIR / step_filename(index))
+        logger.debug("attnprobe: wrote %s", target)
         return index
 
     def write_hessians(self, tensors: dict[str, Tensor]) -> None:

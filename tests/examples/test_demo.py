@@ -1,0 +1,35 @@
+"""The demo's pipeline end to end on a cut-down setting, on the shipped models, offline."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import attnprobe
+import prune
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import demo  # noqa: E402
+import pipeline  # noqa: E402
+
+
+def test_demo_quick_runs_end_to_end(tmp_path):
+    tables = demo.run(tmp_path, quick=True)
+    pruning = tables["pruning"]
+    assert list(pruning["method"]) == ["dense"] + [v[0] for v in pipeline.UNSTRUCTURED_VARIANTS]
+    assert all(math.isfinite(v) for v in pruning["nll"])
+    assert (pruning["achieved_sparsity"][1:] - 0.5).abs().max() < 1e-6
+    for name in ("sinks-generation.png", "sinks-calibration.png"):
+        assert (tmp_path / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for kind in ("dlm", "ar"):
+        for name in ("generation", "calibration"):
+            assert attnprobe.open(tmp_path / "stores" / f"{kind}-{name}").num_steps > 0
+    masks = sorted((tmp_path / "masks").glob("*.safetensors"))
+    assert len(masks) == len(pipeline.UNSTRUCTURED_VARIANTS)
+    fresh = pipeline.load_pair().dlm
+    header = prune.load_masks(fresh, masks[0])
+    assert header["settings"]["sparsity"] == 0.5
+    assert (tmp_path / "pruning.csv").is_file() and (tmp_path / "sink_metrics.csv").is_file()
