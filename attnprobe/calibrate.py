@@ -111,7 +111,9 @@ def calibrate(
                 kwargs = {"input_ids": noisy}
                 if attention_mask is not None:
                     kwargs["attention_mask"] = attention_mask[rows]
-                with recording.step(t=t, p_mask=p_mask, sequences=list(range(rows.start, rows.start + len(clean)))):
+                with recording.step(
+                    t=t, p_mask=p_mask, sequences=list(range(rows.start, rows.start + len(clean)))
+                ):
                     model(**kwargs)
                 bar.update()
     return len(starts) * len(levels)

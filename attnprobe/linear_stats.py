@@ -69,7 +69,7 @@ def reduce_inputs(
         if hessians:
             rows = (xb * keep[b0 : b0 + step, :, None]).reshape(-1, width)
             out["plain"].addmm_(rows.T, rows)
-            wrows = (xb * (weights[b0 : b0 + step].to(torch.float32) * keep[b0 : b0 + step])[..., None])
+            wrows = xb * (weights[b0 : b0 + step].to(torch.float32) * keep[b0 : b0 + step])[..., None]
             wrows = wrows.reshape(-1, width)
             out["weighted"].addmm_(wrows.T, wrows)
     out["sumsq"] = sumsq

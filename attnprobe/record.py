@@ -158,7 +158,9 @@ class Recording:
         self.model = model
         self.layout = discover(model, targets)
         config = getattr(model, "config", None)
-        self.mask_token_id = mask_token_id if mask_token_id is not None else getattr(config, "mask_token_id", None)
+        self.mask_token_id = (
+            mask_token_id if mask_token_id is not None else getattr(config, "mask_token_id", None)
+        )
         self._want_stats = linear_stats or hessians
         self._want_hessians = hessians
         self.two_pass = two_pass
@@ -191,7 +193,9 @@ class Recording:
     def store(self):
         """The :class:`~attnprobe.store.TrajectoryStore` being written."""
         if self._writer is None:
-            raise RuntimeError("the recording has not started; use it as `with attnprobe.record(model) as store:`")
+            raise RuntimeError(
+                "the recording has not started; use it as `with attnprobe.record(model) as store:`"
+            )
         return self._writer.store
 
     def __getattr__(self, name: str):
@@ -260,7 +264,11 @@ class Recording:
         for name in self.layout.attention:
             module = modules[name]
             add(module.register_forward_pre_hook(lambda m, a, n=name: self._attention_stack.append(n)))
-            add(module.register_forward_hook(lambda m, a, o, n=name: self._leave_attention(n), always_call=True))
+            add(
+                module.register_forward_hook(
+                    lambda m, a, o, n=name: self._leave_attention(n), always_call=True
+                )
+            )
         if self._want_stats:
             for name in self.layout.linears:
                 add(modules[name].register_forward_pre_hook(lambda m, a, n=name: self._on_linear(n, a)))
@@ -418,7 +426,9 @@ class Recording:
             forward.groups[seen[0]].append(name)
             return
         if name in forward.groups:
-            self._warn_once(f"twice:{name}", f"{name} ran twice in one forward; only its first input is used.")
+            self._warn_once(
+                f"twice:{name}", f"{name} ran twice in one forward; only its first input is used."
+            )
             return
         forward.seen[id(args[0])] = (name, weakref.ref(args[0]))
         forward.groups[name] = [name]
@@ -462,7 +472,10 @@ class Recording:
         if self._want_stats:
             groups = self._step_statistics(forwards, layers, valid, tensors)
         index = self._writer.write_step(tensors, meta, groups)
-        if self.store.fingerprint.get("layers") != self._layers or self.store.fingerprint.get("heads") != self._heads:
+        if (
+            self.store.fingerprint.get("layers") != self._layers
+            or self.store.fingerprint.get("heads") != self._heads
+        ):
             self._writer.update_fingerprint(layers=list(self._layers), heads=dict(self._heads))
         logger.debug("attnprobe: wrote step %d (%d layers)", index, len(layers))
 

@@ -25,8 +25,24 @@ Targets = str | re.Pattern | Callable[[str, nn.Module], bool] | None
 _ATTENTION_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
 _PROJECTION_NAMES = frozenset(
     {
-        "q_proj", "k_proj", "v_proj", "qkv_proj", "query", "key", "value", "q", "k", "v",
-        "c_attn", "att_proj", "wqkv", "Wqkv", "to_q", "to_k", "to_v", "in_proj",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "qkv_proj",
+        "query",
+        "key",
+        "value",
+        "q",
+        "k",
+        "v",
+        "c_attn",
+        "att_proj",
+        "wqkv",
+        "Wqkv",
+        "to_q",
+        "to_k",
+        "to_v",
+        "in_proj",
     }
 )
 # Classes whose names match the pattern but never hold attention itself.
@@ -126,7 +142,6 @@ def discover(model: nn.Module, targets: Targets = None) -> ModelLayout:
     linears = tuple(
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and any(b == "" or name.startswith(b + ".") for b in block_names)
+        if isinstance(module, nn.Linear) and any(b == "" or name.startswith(b + ".") for b in block_names)
     )
     return ModelLayout(attention=tuple(attention), blocks=blocks, linears=linears)

@@ -38,9 +38,15 @@ def build_model(layers: int = 8, hidden: int = 512, heads: int = 8):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=1024, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, is_causal=False,
-        attn_implementation="sdpa", max_position_embeddings=8192,
+        vocab_size=1024,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        is_causal=False,
+        attn_implementation="sdpa",
+        max_position_embeddings=8192,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -97,7 +103,9 @@ def _peak_child(mode: str, batch: int, length: int) -> None:
 def peak(mode: str, batch: int, length: int) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--child", mode, "--batch", str(batch), "--length", str(length)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -52,36 +52,81 @@ def run(out: Path, *, quick: bool = False) -> dict:
 
     phases = tqdm(total=5, desc="demo", unit="phase")
     for kind in ("dlm", "ar"):
-        pipeline.record_generation(pair, kind, stores_dir / f"{kind}-generation", prompt, steps=gen_steps,
-                                   gen_length=gen_length)
+        pipeline.record_generation(
+            pair, kind, stores_dir / f"{kind}-generation", prompt, steps=gen_steps, gen_length=gen_length
+        )
     phases.update()
     calib = {}
     for kind in ("dlm", "ar"):
-        calib[kind] = pipeline.record_calibration(pair, kind, stores_dir / f"{kind}-calibration", calibration,
-                                                  steps=10 if quick else 50, sample_interval=5)
+        calib[kind] = pipeline.record_calibration(
+            pair,
+            kind,
+            stores_dir / f"{kind}-calibration",
+            calibration,
+            steps=10 if quick else 50,
+            sample_interval=5,
+        )
     phases.update()
 
     for name in ("generation", "calibration"):
         stores = [attnprobe.open(stores_dir / f"{kind}-{name}") for kind in ("dlm", "ar")]
-        plot_sinks(stores, [f"diffusion LM ({name})", f"autoregressive twin ({name})"],
-                   figures / f"sinks-{name}.png", progress=False)
-    metrics = pd.DataFrame([
-        {"store": f"{kind}-{name}", **{k: v for k, v in sinks.summary(attnprobe.open(stores_dir / f"{kind}-{name}")).items()
-                                       if k in ("n_steps", "temporal_variance", "mean_jaccard", "top1_share", "entropy",
-                                                "mean_n_sinks")}}
-        for name in ("generation", "calibration") for kind in ("dlm", "ar")
-    ])
+        plot_sinks(
+            stores,
+            [f"diffusion LM ({name})", f"autoregressive twin ({name})"],
+            figures / f"sinks-{name}.png",
+            progress=False,
+        )
+    metrics = pd.DataFrame(
+        [
+            {
+                "store": f"{kind}-{name}",
+                **{
+                    k: v
+                    for k, v in sinks.summary(attnprobe.open(stores_dir / f"{kind}-{name}")).items()
+                    if k
+                    in (
+                        "n_steps",
+                        "temporal_variance",
+                        "mean_jaccard",
+                        "top1_share",
+                        "entropy",
+                        "mean_n_sinks",
+                    )
+                },
+            }
+            for name in ("generation", "calibration")
+            for kind in ("dlm", "ar")
+        ]
+    )
     metrics.to_csv(out / "sink_metrics.csv", index=False)
     phases.update()
 
-    dense_nll = prune.evaluate(pair.dlm, heldout, mask_token_id=pair.mask_token_id, num_samples=eval_samples,
-                               progress=False)
-    rows = [{"method": "dense", "sparsity": 0.0, "pattern": "-", "nll": dense_nll.nll,
-             "stderr": dense_nll.stderr, "prune_seconds": 0.0, "achieved_sparsity": 0.0}]
+    dense_nll = prune.evaluate(
+        pair.dlm, heldout, mask_token_id=pair.mask_token_id, num_samples=eval_samples, progress=False
+    )
+    rows = [
+        {
+            "method": "dense",
+            "sparsity": 0.0,
+            "pattern": "-",
+            "nll": dense_nll.nll,
+            "stderr": dense_nll.stderr,
+            "prune_seconds": 0.0,
+            "achieved_sparsity": 0.0,
+        }
+    ]
     phases.update()
-    rows += pipeline.prune_and_evaluate(pair.dlm, calib["dlm"], heldout, sparsity=0.5, pattern="unstructured",
-                                        variants=pipeline.UNSTRUCTURED_VARIANTS, mask_token_id=pair.mask_token_id,
-                                        eval_samples=eval_samples, masks_dir=masks_dir)
+    rows += pipeline.prune_and_evaluate(
+        pair.dlm,
+        calib["dlm"],
+        heldout,
+        sparsity=0.5,
+        pattern="unstructured",
+        variants=pipeline.UNSTRUCTURED_VARIANTS,
+        mask_token_id=pair.mask_token_id,
+        eval_samples=eval_samples,
+        masks_dir=masks_dir,
+    )
     phases.update()
     phases.close()
     table = pd.DataFrame(rows)

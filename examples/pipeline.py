@@ -86,28 +86,60 @@ def ar_generate(model: nn.Module, prompt: Tensor, new_tokens: int, pad_token_id:
     return ids
 
 
-def record_generation(pair: Pair, kind: str, path: Path, prompt: Tensor, *, steps: int, gen_length: int,
-                      block_length: int | None = None) -> Tensor:
+def record_generation(
+    pair: Pair,
+    kind: str,
+    path: Path,
+    prompt: Tensor,
+    *,
+    steps: int,
+    gen_length: int,
+    block_length: int | None = None,
+) -> Tensor:
     """Record a generation trajectory of the DLM (LLaDA sampler) or the AR twin (greedy)."""
     model = pair.dlm if kind == "dlm" else pair.ar
     with attnprobe.record(model, path, mask_token_id=pair.mask_token_id, overwrite=True):
         if kind == "dlm":
-            out = attnprobe.generate(model, prompt, mask_token_id=pair.mask_token_id, steps=steps,
-                                     gen_length=gen_length, block_length=block_length)
+            out = attnprobe.generate(
+                model,
+                prompt,
+                mask_token_id=pair.mask_token_id,
+                steps=steps,
+                gen_length=gen_length,
+                block_length=block_length,
+            )
         else:
             out = ar_generate(model, prompt, steps, model.config.pad_token_id)
     return out
 
 
-def record_calibration(pair: Pair, kind: str, path: Path, ids: Tensor, *, seed: int = 0, steps: int = 50,
-                       sample_interval: int = 5, hessians: bool = True) -> attnprobe.TrajectoryStore:
+def record_calibration(
+    pair: Pair,
+    kind: str,
+    path: Path,
+    ids: Tensor,
+    *,
+    seed: int = 0,
+    steps: int = 50,
+    sample_interval: int = 5,
+    hessians: bool = True,
+) -> attnprobe.TrajectoryStore:
     """Record a calibration trajectory: forward noising for the DLM, clean text for the AR twin."""
     model = pair.dlm if kind == "dlm" else pair.ar
-    with attnprobe.record(model, path, mask_token_id=pair.mask_token_id, linear_stats=True,
-                          hessians=hessians, overwrite=True) as store:
+    with attnprobe.record(
+        model, path, mask_token_id=pair.mask_token_id, linear_stats=True, hessians=hessians, overwrite=True
+    ) as store:
         if kind == "dlm":
-            attnprobe.calibrate(model, ids, mask_token_id=pair.mask_token_id, steps=steps,
-                                sample_interval=sample_interval, seed=seed, keep=[0], progress=False)
+            attnprobe.calibrate(
+                model,
+                ids,
+                mask_token_id=pair.mask_token_id,
+                steps=steps,
+                sample_interval=sample_interval,
+                seed=seed,
+                keep=[0],
+                progress=False,
+            )
         else:
             for row in range(ids.shape[0]):
                 with store.step(sequences=[row]):
@@ -133,18 +165,38 @@ def prune_and_evaluate(
     for label, method, sink_aware, policy in variants:
         model = copy.deepcopy(dense)
         start = time.perf_counter()
-        result = prune.apply(model, store, sparsity, method=method, sink_aware=sink_aware, pattern=pattern,
-                             sink_policy=policy, progress=False)
+        result = prune.apply(
+            model,
+            store,
+            sparsity,
+            method=method,
+            sink_aware=sink_aware,
+            pattern=pattern,
+            sink_policy=policy,
+            progress=False,
+        )
         seconds = time.perf_counter() - start
-        nll = prune.evaluate(model, heldout, mask_token_id=mask_token_id, num_samples=eval_samples,
-                             seed=seed, progress=False)
+        nll = prune.evaluate(
+            model, heldout, mask_token_id=mask_token_id, num_samples=eval_samples, seed=seed, progress=False
+        )
         if masks_dir is not None:
             name = f"{label.replace(' ', '-')}-{pattern.replace(':', 'of')}-{sparsity:.2f}.safetensors"
-            prune.save_masks(result.masks, masks_dir / name, settings=result.settings, model=model,
-                             weights=result.weights or None)
-        rows.append({
-            "method": label, "sparsity": sparsity if pattern != "2:4" else 0.5, "pattern": pattern,
-            "nll": nll.nll, "stderr": nll.stderr, "prune_seconds": seconds,
-            "achieved_sparsity": float(result.report["sparsity"].mean()),
-        })
+            prune.save_masks(
+                result.masks,
+                masks_dir / name,
+                settings=result.settings,
+                model=model,
+                weights=result.weights or None,
+            )
+        rows.append(
+            {
+                "method": label,
+                "sparsity": sparsity if pattern != "2:4" else 0.5,
+                "pattern": pattern,
+                "nll": nll.nll,
+                "stderr": nll.stderr,
+                "prune_seconds": seconds,
+                "achieved_sparsity": float(result.report["sparsity"].mean()),
+            }
+        )
     return rows

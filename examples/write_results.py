@@ -31,7 +31,9 @@ from attnprobe.plot import plot_sinks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 UNSTRUCTURED_SETTINGS = [(0.5, "unstructured"), (0.6, "unstructured"), (0.7, "unstructured"), (0.5, "2:4")]
-VARIANTS = pipeline.UNSTRUCTURED_VARIANTS[:3] + pipeline.UNSTABLE_VARIANTS + pipeline.UNSTRUCTURED_VARIANTS[3:]
+VARIANTS = (
+    pipeline.UNSTRUCTURED_VARIANTS[:3] + pipeline.UNSTABLE_VARIANTS + pipeline.UNSTRUCTURED_VARIANTS[3:]
+)
 STRUCTURED_RATIOS = [0.3, 0.5]
 
 
@@ -56,8 +58,11 @@ def _movement(store) -> dict[str, float]:
         positions = group.sort_values("step")["dominant_position"].tolist()
         jumps += [abs(b - a) for a, b in zip(positions, positions[1:])]
     distinct = table.groupby(["segment", "batch"])["dominant_index"].nunique().mean()
-    return {"on_first_token": on_first, "mean_jump": statistics.fmean(jumps) if jumps else math.nan,
-            "distinct_dominant": float(distinct)}
+    return {
+        "on_first_token": on_first,
+        "mean_jump": statistics.fmean(jumps) if jumps else math.nan,
+        "distinct_dominant": float(distinct),
+    }
 
 
 def sink_properties(pair: pipeline.Pair, work: Path, figures: Path, quick: bool) -> str:
@@ -66,47 +71,91 @@ def sink_properties(pair: pipeline.Pair, work: Path, figures: Path, quick: bool)
     steps, gen_length = (16, 32) if quick else (64, 64)
     rows = []
     for kind, label in (("dlm", "diffusion LM"), ("ar", "autoregressive twin")):
-        pipeline.record_generation(pair, kind, work / f"{kind}-gen", prompts, steps=steps, gen_length=gen_length)
-        pipeline.record_calibration(pair, kind, work / f"{kind}-cal", calibration[:8], hessians=False,
-                                    steps=10 if quick else 50, sample_interval=5)
+        pipeline.record_generation(
+            pair, kind, work / f"{kind}-gen", prompts, steps=steps, gen_length=gen_length
+        )
+        pipeline.record_calibration(
+            pair,
+            kind,
+            work / f"{kind}-cal",
+            calibration[:8],
+            hessians=False,
+            steps=10 if quick else 50,
+            sample_interval=5,
+        )
         for name, store_dir in (("generation", work / f"{kind}-gen"), ("calibration", work / f"{kind}-cal")):
             store = attnprobe.open(store_dir)
             summary = sinks.summary(store)
             move = _movement(store)
-            rows.append([
-                label, name, summary["n_steps"], f"{summary['top1_share']:.4f}", f"{summary['topk_share']:.4f}",
-                f"{summary['entropy']:.4f}", f"{summary['temporal_variance']:.4f}",
-                f"{summary['mean_jaccard']:.3f}", f"{move['on_first_token']:.2f}", f"{move['mean_jump']:.3f}",
-                f"{move['distinct_dominant']:.1f}",
-            ])
+            rows.append(
+                [
+                    label,
+                    name,
+                    summary["n_steps"],
+                    f"{summary['top1_share']:.4f}",
+                    f"{summary['topk_share']:.4f}",
+                    f"{summary['entropy']:.4f}",
+                    f"{summary['temporal_variance']:.4f}",
+                    f"{summary['mean_jaccard']:.3f}",
+                    f"{move['on_first_token']:.2f}",
+                    f"{move['mean_jump']:.3f}",
+                    f"{move['distinct_dominant']:.1f}",
+                ]
+            )
     for name, suffix in (("generation", "gen"), ("calibration", "cal")):
         stores = [attnprobe.open(work / f"{kind}-{suffix}") for kind in ("dlm", "ar")]
-        plot_sinks(stores, [f"diffusion LM ({name})", f"autoregressive twin ({name})"],
-                   figures / f"sinks-{name}.png", progress=False)
-    header = ["model", "trajectory", "steps", "top-1 share", "top-5% share", "entropy", "temporal variance",
-              "Jaccard (consecutive)", "dominant on first token", "mean jump", "distinct dominant positions"]
+        plot_sinks(
+            stores,
+            [f"diffusion LM ({name})", f"autoregressive twin ({name})"],
+            figures / f"sinks-{name}.png",
+            progress=False,
+        )
+    header = [
+        "model",
+        "trajectory",
+        "steps",
+        "top-1 share",
+        "top-5% share",
+        "entropy",
+        "temporal variance",
+        "Jaccard (consecutive)",
+        "dominant on first token",
+        "mean jump",
+        "distinct dominant positions",
+    ]
     return _md_table(header, rows)
 
 
 def calibration_store(pair: pipeline.Pair, seed: int, rows: int, path: Path, quick: bool):
     ids = pipeline.load_ids("calibration")
     start = seed * rows % max(ids.shape[0] - rows, 1)
-    return pipeline.record_calibration(pair, "dlm", path, ids[start : start + rows], seed=seed,
-                                       steps=10 if quick else 50, sample_interval=5)
+    return pipeline.record_calibration(
+        pair, "dlm", path, ids[start : start + rows], seed=seed, steps=10 if quick else 50, sample_interval=5
+    )
 
 
 def unstructured_tables(pair, stores, heldout, eval_samples) -> tuple[str, float]:
-    dense = prune.evaluate(pair.dlm, heldout, mask_token_id=pair.mask_token_id, num_samples=eval_samples,
-                           progress=False)
+    dense = prune.evaluate(
+        pair.dlm, heldout, mask_token_id=pair.mask_token_id, num_samples=eval_samples, progress=False
+    )
     header = ["method"] + [f"{p} @ {s:.0%}" if p == "unstructured" else p for s, p in UNSTRUCTURED_SETTINGS]
     results: dict[tuple[str, float, str], list[float]] = {}
-    jobs = [(s, p, v, seed) for s, p in UNSTRUCTURED_SETTINGS for v in VARIANTS for seed in range(len(stores))]
+    jobs = [
+        (s, p, v, seed) for s, p in UNSTRUCTURED_SETTINGS for v in VARIANTS for seed in range(len(stores))
+    ]
     for sparsity, pattern, variant, seed in tqdm(jobs, desc="unstructured"):
         if variant[1] == "magnitude" and seed > 0:
             continue  # magnitude does not use calibration data
-        row = pipeline.prune_and_evaluate(pair.dlm, stores[seed], heldout, sparsity=sparsity, pattern=pattern,
-                                          variants=[variant], mask_token_id=pair.mask_token_id,
-                                          eval_samples=eval_samples)[0]
+        row = pipeline.prune_and_evaluate(
+            pair.dlm,
+            stores[seed],
+            heldout,
+            sparsity=sparsity,
+            pattern=pattern,
+            variants=[variant],
+            mask_token_id=pair.mask_token_id,
+            eval_samples=eval_samples,
+        )[0]
         results.setdefault((variant[0], sparsity, pattern), []).append(row["nll"])
     rows = [[v[0]] + [_fmt(results[(v[0], s, p)]) for s, p in UNSTRUCTURED_SETTINGS] for v in VARIANTS]
     return _md_table(header, rows), dense.nll
@@ -127,22 +176,51 @@ def _step_latency_ms(model, batch: int = 8, length: int = 128, repeats: int = 15
 def structured_table(pair, stores, heldout, eval_samples) -> str:
     dense_params = sum(p.numel() for p in pair.dlm.parameters())
     dense_ms = _step_latency_ms(pair.dlm)
-    rows = [["dense", "-", f"{dense_params:,}", f"{dense_ms:.1f}", _fmt([prune.evaluate(
-        pair.dlm, heldout, mask_token_id=pair.mask_token_id, num_samples=eval_samples, progress=False).nll])]]
+    rows = [
+        [
+            "dense",
+            "-",
+            f"{dense_params:,}",
+            f"{dense_ms:.1f}",
+            _fmt(
+                [
+                    prune.evaluate(
+                        pair.dlm,
+                        heldout,
+                        mask_token_id=pair.mask_token_id,
+                        num_samples=eval_samples,
+                        progress=False,
+                    ).nll
+                ]
+            ),
+        ]
+    ]
     for ratio in STRUCTURED_RATIOS:
         for sink_aware in (False, True):
             nlls, params, latency = [], 0, []
             for store in stores:
                 model = copy.deepcopy(pair.dlm)
                 prune.apply(model, store, ratio, pattern="structured", sink_aware=sink_aware, progress=False)
-                nlls.append(prune.evaluate(model, heldout, mask_token_id=pair.mask_token_id,
-                                           num_samples=eval_samples, progress=False).nll)
+                nlls.append(
+                    prune.evaluate(
+                        model,
+                        heldout,
+                        mask_token_id=pair.mask_token_id,
+                        num_samples=eval_samples,
+                        progress=False,
+                    ).nll
+                )
                 params = sum(p.numel() for p in model.parameters())
                 latency.append(_step_latency_ms(model))
-            rows.append([
-                "sink-aware" if sink_aware else "baseline (Wanda-sp)", f"{ratio}", f"{params:,}",
-                f"{statistics.median(latency):.1f}", _fmt(nlls),
-            ])
+            rows.append(
+                [
+                    "sink-aware" if sink_aware else "baseline (Wanda-sp)",
+                    f"{ratio}",
+                    f"{params:,}",
+                    f"{statistics.median(latency):.1f}",
+                    _fmt(nlls),
+                ]
+            )
     return _md_table(["method", "ratio", "parameters", "step latency (ms)", "held-out NLL"], rows)
 
 
@@ -161,16 +239,27 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         properties = sink_properties(pair, work, figures, args.quick)
-        stores = [calibration_store(pair, seed, calib_rows, work / f"calib-{seed}", args.quick)
-                  for seed in range(args.seeds)]
+        stores = [
+            calibration_store(pair, seed, calib_rows, work / f"calib-{seed}", args.quick)
+            for seed in range(args.seeds)
+        ]
         unstructured, dense_nll = unstructured_tables(pair, stores, heldout, eval_samples)
         structured = structured_table(pair, stores, heldout, eval_samples)
     minutes = (time.perf_counter() - start) / 60
     text = RESULTS_TEMPLATE.format(
-        properties=properties, unstructured=unstructured, structured=structured, dense_nll=dense_nll,
-        seeds=args.seeds, calib_rows=calib_rows, eval_rows=eval_rows, eval_samples=eval_samples,
-        figures=figures.relative_to(args.out.parent), minutes=minutes, machine=platform.machine(),
-        threads=torch.get_num_threads(), quick=" (quick settings: not for reading)" if args.quick else "",
+        properties=properties,
+        unstructured=unstructured,
+        structured=structured,
+        dense_nll=dense_nll,
+        seeds=args.seeds,
+        calib_rows=calib_rows,
+        eval_rows=eval_rows,
+        eval_samples=eval_samples,
+        figures=figures.relative_to(args.out.parent),
+        minutes=minutes,
+        machine=platform.machine(),
+        threads=torch.get_num_threads(),
+        quick=" (quick settings: not for reading)" if args.quick else "",
     )
     args.out.write_text(text)
     print(f"wrote {args.out} in {minutes:.1f} min")

@@ -54,7 +54,9 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     return {
         "model_class": type(model).__name__,
         "linears": {
-            name: [m.out_features, m.in_features] for name, m in model.named_modules() if isinstance(m, nn.Linear)
+            name: [m.out_features, m.in_features]
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear)
         },
     }
 
@@ -103,18 +105,25 @@ def read_masks(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor], 
     """Read ``(masks, weights, header)`` from a file written by :func:`save_masks`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no mask file at {path}; write one with prune.save_masks(result.masks, path)")
+        raise FileNotFoundError(
+            f"no mask file at {path}; write one with prune.save_masks(result.masks, path)"
+        )
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if "attnprobe.masks" not in meta:
-            raise ValueError(f"{path} is a safetensors file but not attnprobe masks (no 'attnprobe.masks' metadata)")
+            raise ValueError(
+                f"{path} is a safetensors file but not attnprobe masks (no 'attnprobe.masks' metadata)"
+            )
         header = json.loads(meta["attnprobe.masks"])
         if header.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{path} has mask format {header.get('format_version')}; this version reads {FORMAT_VERSION}"
             )
-        masks = {name: unpack_bits(f.get_tensor(f"mask/{name}"), tuple(shape)) for name, shape in header["shapes"].items()}
-        weights = {key[len("weight/"):]: f.get_tensor(key) for key in f.keys() if key.startswith("weight/")}
+        masks = {
+            name: unpack_bits(f.get_tensor(f"mask/{name}"), tuple(shape))
+            for name, shape in header["shapes"].items()
+        }
+        weights = {key[len("weight/") :]: f.get_tensor(key) for key in f.keys() if key.startswith("weight/")}
     return masks, weights, header
 
 

@@ -77,7 +77,9 @@ def step_weights(store, settings: SinkSettings) -> dict[int, Tensor]:
     for step in range(store.num_steps):
         valid = store.valid(step)
         total = _total_mass(store, step, valid.shape[1])
-        scores[step] = sinks.sink_scores(total, valid, sink_std=settings.sink_std, sink_alpha=settings.sink_alpha)
+        scores[step] = sinks.sink_scores(
+            total, valid, sink_std=settings.sink_std, sink_alpha=settings.sink_alpha
+        )
     if settings.policy == "all":
         return {step: 1 - s for step, s in scores.items()}
     by_sequence: dict[object, list[Tensor]] = {}
@@ -165,7 +167,9 @@ def activation_norms(
             members.setdefault(group, names)
             per_sample = stats[group]["sumsq"]
             if sink_aware:
-                per_sample = stats[group]["wsumsq"] if exact else _reweighted(stats[group], cand_index, weights[step])
+                per_sample = (
+                    stats[group]["wsumsq"] if exact else _reweighted(stats[group], cand_index, weights[step])
+                )
             term = per_sample.sum(0) if accumulate == "wanda" else per_sample.sqrt().sum(0)
             totals[group] = totals[group] + term if group in totals else term
         count += next(iter(stats.values()))["sumsq"].shape[0] if stats else 0

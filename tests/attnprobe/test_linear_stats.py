@@ -22,7 +22,7 @@ def _direct(model, ids, mask, sink_std=2.0, sink_alpha=5.0):
     model(input_ids=ids, attention_mask=mask)
     handle.remove()
     eager = copy.deepcopy(model)
-    eager.set_attn_implementation("eager")
+    models.use_eager_attention(eager)
     probs = torch.stack(eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions).double()
     valid = mask.bool()
     probs = probs * valid[None, :, None, :, None] * valid[None, :, None, None, :]

@@ -16,7 +16,7 @@ from tests import models
 def _eager_mass(model, ids, attention_mask=None):
     """Mass from transformers' own eager attention probabilities (an independent computation)."""
     eager = copy.deepcopy(model)
-    eager.set_attn_implementation("eager")
+    models.use_eager_attention(eager)
     out = eager(input_ids=ids, attention_mask=attention_mask, output_attentions=True)
     probs = torch.stack(out.attentions).double()  # (layers, batch, heads, queries, keys)
     if attention_mask is not None:
@@ -113,6 +113,7 @@ def test_tiny_llada_mass_matches_explicit_softmax(tmp_path):
     _assert_close(store.attention_mass(0), torch.stack(expected))
 
 
+@pytest.mark.skipif(not models.TRANSFORMERS_5, reason="DiffusionGemma is in transformers 5.x only")
 def test_diffusion_gemma_encoder_and_decoder(tmp_path):
     model = models.diffusion_gemma()
     inputs = models.diffusion_gemma_inputs(model, batch=1, seq=8)
@@ -198,7 +199,7 @@ def test_explicit_steps_group_forwards_and_carry_metadata(tmp_path):
 
 def test_eager_attention_is_refused_with_a_fix():
     model = models.llama_bidirectional()
-    model.set_attn_implementation("eager")
+    models.use_eager_attention(model)
     with attnprobe.record(model) as rec, pytest.raises(RuntimeError, match="sdpa"):
         model(input_ids=torch.randint(0, 60, (1, 5)))
     assert rec.num_steps == 0

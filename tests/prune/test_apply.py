@@ -41,7 +41,7 @@ def _record(model, path, ids, **options):
 def _direct_norms(model, store, sink_std, sink_alpha, accumulate):
     """Two passes per recorded step, as the public code: eager mass first, then the inputs."""
     eager = copy.deepcopy(model)
-    eager.set_attn_implementation("eager")
+    models.use_eager_attention(eager)
     sums: dict[str, torch.Tensor] = {}
     count = 0
     for step in range(store.num_steps):
@@ -72,7 +72,9 @@ def test_sink_aware_wanda_matches_direct_two_pass(tmp_path, accumulate):
     model = _sharpen(models.llama_bidirectional())
     dense = copy.deepcopy(model)
     store = _record(model, tmp_path / "s", _calibration_ids(), linear_stats=True)
-    result = prune.apply(model, store, 0.5, method="wanda", sink_aware=True, accumulate=accumulate, progress=False)
+    result = prune.apply(
+        model, store, 0.5, method="wanda", sink_aware=True, accumulate=accumulate, progress=False
+    )
     norms = _direct_norms(dense, store, 2.0, 5.0, accumulate)
     modules = dict(dense.named_modules())
     assert set(result.masks) == set(norms)
@@ -152,15 +154,18 @@ def test_sequential_first_block_equals_one_shot(tmp_path):
     model = models.tiny_llada()
     store = _record(model, tmp_path / "s", _calibration_ids(), linear_stats=True)
     one_shot = prune.apply(copy.deepcopy(model), store, 0.5, method="wanda", progress=False)
-    sequential = prune.apply(copy.deepcopy(model), store, 0.5, method="wanda", sequential=True, progress=False)
+    sequential = prune.apply(
+        copy.deepcopy(model), store, 0.5, method="wanda", sequential=True, progress=False
+    )
     first = [n for n in one_shot.masks if n.startswith("model.transformer.blocks.0.")]
     later = [n for n in one_shot.masks if n.startswith("model.transformer.blocks.1.")]
     assert first and later
     for name in first:
         assert (one_shot.masks[name] == sequential.masks[name]).float().mean() > 0.99
     assert any(not torch.equal(one_shot.masks[n], sequential.masks[n]) for n in later)
-    seq_gpt = prune.apply(copy.deepcopy(model), store, 0.5, method="sparsegpt", sequential=True,
-                          blocksize=16, progress=False)
+    seq_gpt = prune.apply(
+        copy.deepcopy(model), store, 0.5, method="sparsegpt", sequential=True, blocksize=16, progress=False
+    )
     assert set(seq_gpt.masks) == set(one_shot.masks)
 
 
@@ -168,8 +173,16 @@ def test_unstable_policy_keeps_stable_sinks(tmp_path):
     model = _sharpen(models.llama_bidirectional(), 6.0)
     store = _record(model, tmp_path / "s", _calibration_ids(), linear_stats=True)
     base = prune.apply(copy.deepcopy(model), store, 0.5, method="wanda", progress=False)
-    everything_stable = prune.apply(copy.deepcopy(model), store, 0.5, method="wanda", sink_aware=True,
-                                    sink_policy="unstable", unstable_threshold=1.0, progress=False)
+    everything_stable = prune.apply(
+        copy.deepcopy(model),
+        store,
+        0.5,
+        method="wanda",
+        sink_aware=True,
+        sink_policy="unstable",
+        unstable_threshold=1.0,
+        progress=False,
+    )
     for name in base.masks:  # threshold 1.0: no variance exceeds it, so nothing is down-weighted
         assert torch.equal(base.masks[name], everything_stable.masks[name])
 
