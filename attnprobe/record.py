@@ -241,6 +241,8 @@ class Recording:
         if self._append and self.store.num_steps:
             self._layers = list(self.store.fingerprint.get("layers", []))
             self._heads = dict(self.store.fingerprint.get("heads", {}))
+            # Hessians are sums over every step: an appended session adds to the earlier ones.
+            self._hessians = self.store.hessians() or {}
         try:
             self._attach()
         except BaseException:
