@@ -36,17 +36,18 @@ def reduce_inputs(
         x: the linear input, (batch, tokens, in_features), any float dtype.
         valid: bool (batch, tokens), False on padding.
         weights: float32 (batch, tokens), the sink down-weighting ``w = 1 - s``.
-        candidates: bool (batch, tokens), tokens whose squared rows are kept.
+        candidates: int64 (n, 2) rows (sample, token) whose squared inputs are kept; an index rather than
+            a bool mask, so that selecting them needs no host sync inside a hook.
         hessians: also return ``plain`` and ``weighted`` (in, in) Gram matrices.
 
     Returns:
-        ``sumsq`` and ``wsumsq`` (batch, in), ``cand_rows`` (n, in) in candidates' row-major order,
+        ``sumsq`` and ``wsumsq`` (batch, in), ``cand_rows`` (n, in) in the order of ``candidates``,
         and with ``hessians`` also ``plain`` and ``weighted`` (in, in); all float32 on x's device.
 
     Example:
         >>> x = torch.ones(1, 3, 2)
         >>> out = reduce_inputs(x, torch.ones(1, 3, dtype=torch.bool), torch.full((1, 3), 0.5),
-        ...                     torch.zeros(1, 3, dtype=torch.bool))
+        ...                     torch.zeros(0, 2, dtype=torch.long))
         >>> out["sumsq"].tolist(), out["wsumsq"].tolist()
         ([[3.0, 3.0]], [[0.75, 0.75]])
     """
@@ -74,5 +75,5 @@ def reduce_inputs(
             out["weighted"].addmm_(wrows.T, wrows)
     out["sumsq"] = sumsq
     out["wsumsq"] = wsumsq
-    out["cand_rows"] = x[candidates].to(torch.float32).square()
+    out["cand_rows"] = x[candidates[:, 0], candidates[:, 1]].to(torch.float32).square()
     return out

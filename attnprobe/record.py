@@ -336,6 +336,7 @@ class Recording:
         if self._step is None:
             self._step = _Step(meta=dict(self._pending_meta))
             self._pending_meta = {}
+        self._attention_stack.clear()  # a top-level forward starts outside every attention module
         ids, valid, batch, tokens = _token_grid(args, kwargs)
         replay = (args, kwargs) if self.two_pass and self._want_stats else None
         self._forward = _Forward(batch=batch, tokens=tokens, input_ids=ids, valid=valid, replay=replay)
@@ -508,14 +509,17 @@ class Recording:
             candidates = sinks.candidate_mask(total, valid, floor_std=self.candidate_floor_std)
         else:
             candidates = torch.zeros_like(valid)
-        tensors["cand_index"] = candidates.nonzero()
+        cand_index = candidates.nonzero()  # (n, 2) rows (sample, token), sorted by sample
+        tensors["cand_index"] = cand_index
         per_group: dict[str, list[dict[str, Tensor]]] = {}
         groups: dict[str, list[str]] = {}
         offset = 0
         for forward in forwards:
             rows = slice(offset, offset + (forward.batch or valid.shape[0]))
             offset = rows.stop
-            for group, stats in self._forward_statistics(forward, weights[rows], candidates[rows]).items():
+            mine = cand_index[(cand_index[:, 0] >= rows.start) & (cand_index[:, 0] < rows.stop)]
+            mine = mine - torch.tensor([rows.start, 0], device=mine.device)
+            for group, stats in self._forward_statistics(forward, weights[rows], mine).items():
                 per_group.setdefault(group, []).append(stats)
             for group, members in forward.groups.items():
                 groups.setdefault(group, members)

@@ -86,7 +86,8 @@ def block_statistics(
             seen[id(args[0])] = (name, weakref.ref(args[0]))
             current["seen"] = seen
             valid, w = current["valid"], current["weights"]
-            stats = reduce_inputs(x, valid, w, torch.zeros_like(valid), hessians=hessians)
+            no_candidates = torch.zeros(0, 2, dtype=torch.long, device=x.device)
+            stats = reduce_inputs(x, valid, w, no_candidates, hessians=hessians)
             entry = collected.setdefault(name, {"sumsq": [], "hessian": None, "nsamples": 0})
             entry["sumsq"].append(stats["wsumsq" if sink_aware else "sumsq"])
             if hessians:
