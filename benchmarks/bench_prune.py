@@ -34,7 +34,9 @@ def calibrate_seconds(model, ids, two_pass: bool, directory: Path):
 
     start = time.perf_counter()
     with attnprobe.record(model, directory, linear_stats=True, two_pass=two_pass) as store:
-        attnprobe.calibrate(model, ids, mask_token_id=1023, steps=10, sample_interval=2, progress=False)
+        attnprobe.calibrate(
+            model, ids, mask_token_id=1023, steps=10, sample_interval=2, batch_size=4, progress=False
+        )
     return time.perf_counter() - start, store
 
 

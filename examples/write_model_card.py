@@ -141,7 +141,12 @@ def plot_curves(model_dirs: dict[str, Path], path: Path) -> None:
         keys = [k for k in rows[0] if k.startswith("ce")]
         for key in ["train_loss", *keys]:
             pts = [(m, float(r[key])) for m, r in zip(minutes, rows) if r[key] not in ("", "None")]
-            ax.plot(*zip(*pts), label=key.replace("ce_t", "selection CE t="), marker=".", markersize=3)
+            ax.plot(
+                *zip(*pts),
+                label="selection CE" if key == "ce" else key.replace("ce_t", "selection CE t="),
+                marker=".",
+                markersize=3,
+            )
         ax.set(title=name, xlabel="wall-clock minutes", ylabel="nats per predicted token", ylim=(0.5, 6))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -161,7 +166,8 @@ def _samples_section(samples: list | None) -> list[str]:
         "## Samples",
         "",
         "Greedy generation of `tiny-dlm` with `attnprobe.sampler.generate` (64 bytes, 64 steps, "
-        "blocks of 16, low-confidence remasking):",
+        "blocks of 16, low-confidence remasking). A model this small, decoded greedily, falls back on "
+        "frequent words and spaces: the samples show that the sampler runs, not that the model writes well.",
         "",
     ]
     for prompt, text in samples:

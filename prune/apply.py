@@ -116,8 +116,10 @@ def _hessians_from_store(store, sink_aware: bool, settings: SinkSettings) -> dic
             "attnprobe.record(model, path, hessians=True), or pass sequential=True to replay its inputs."
         )
     options = store.options
-    if sink_aware and (settings.policy != "all" or (settings.sink_std, settings.sink_alpha)
-                       != (options.get("sink_std"), options.get("sink_alpha"))):
+    if sink_aware and (
+        settings.policy != "all"
+        or (settings.sink_std, settings.sink_alpha) != (options.get("sink_std"), options.get("sink_alpha"))
+    ):
         raise ValueError(
             f"the store's Hessians were sink-weighted with sink_std={options.get('sink_std')}, "
             f"sink_alpha={options.get('sink_alpha')}, policy 'all'; other settings need sequential=True "
@@ -236,17 +238,44 @@ def apply(
         sink_policy,
         unstable_threshold,
     )
-    linears = _select_linears(model, store, targets, ignore)
     meta = {
-        "method": method, "sparsity": float(sparsity), "pattern": pattern, "sink_aware": sink_aware,
-        "sequential": sequential, "accumulate": accumulate, "sink_std": settings.sink_std,
-        "sink_alpha": settings.sink_alpha, "sink_policy": sink_policy, "model_class": type(model).__name__,
+        "method": method,
+        "sparsity": float(sparsity),
+        "pattern": pattern,
+        "sink_aware": sink_aware,
+        "sequential": sequential,
+        "accumulate": accumulate,
+        "sink_std": settings.sink_std,
+        "sink_alpha": settings.sink_alpha,
+        "sink_policy": sink_policy,
+        "model_class": type(model).__name__,
     }
     if kind == "structured":
-        return _apply_structured(model, store, sparsity, sink_aware, settings, accumulate, structured_mode, meta)
+        if targets is not None or ignore is not None:
+            raise ValueError(
+                "targets=/ignore= do not apply to pattern='structured': every supported attention and "
+                "MLP block is pruned at the same ratio. Drop them, or prune unstructured."
+            )
+        return _apply_structured(
+            model, store, sparsity, sink_aware, settings, accumulate, structured_mode, meta
+        )
+    linears = _select_linears(model, store, targets, ignore)
     if sequential:
-        return _apply_sequential(model, store, linears, meta, kind, n, m, sink_aware, settings, accumulate,
-                                 blocksize, percdamp, progress)
+        return _apply_sequential(
+            model,
+            store,
+            linears,
+            meta,
+            kind,
+            n,
+            m,
+            sink_aware,
+            settings,
+            accumulate,
+            blocksize,
+            percdamp,
+            progress,
+        )
     norms: dict[str, Tensor] = {}
     hessians: dict[str, Tensor] = {}
     if method == "wanda":
@@ -263,7 +292,9 @@ def apply(
         for stat in (norm, hessian):
             if stat is not None:
                 _finite(name, stat)
-        mask, new_weight = _prune_one(module.weight, method, sparsity, kind, n, m, norm, hessian, blocksize, percdamp)
+        mask, new_weight = _prune_one(
+            module.weight, method, sparsity, kind, n, m, norm, hessian, blocksize, percdamp
+        )
         plan[name] = (mask, new_weight)
         rows.append(_report_row(name, module, mask, time.perf_counter() - start))
     # Every mask exists: only now touch the weights.
@@ -301,16 +332,22 @@ def _result(plan: dict[str, tuple[Tensor, Tensor | None]], rows: list[dict], met
     )
 
 
-def _apply_sequential(model, store, linears, meta, kind, n, m, sink_aware, settings, accumulate,
-                      blocksize, percdamp, progress) -> PruneResult:
+def _apply_sequential(
+    model, store, linears, meta, kind, n, m, sink_aware, settings, accumulate, blocksize, percdamp, progress
+) -> PruneResult:
     method, sparsity = meta["method"], meta["sparsity"]
     backup = {name: module.weight.detach().to("cpu", copy=True) for name, module in linears.items()}
     plan: dict[str, tuple[Tensor, Tensor | None]] = {}
     rows = []
     try:
         for block_names, stats in block_statistics(
-            model, store, list(linears), sink_aware=sink_aware, settings=settings,
-            hessians=method == "sparsegpt", progress=progress,
+            model,
+            store,
+            list(linears),
+            sink_aware=sink_aware,
+            settings=settings,
+            hessians=method == "sparsegpt",
+            progress=progress,
         ):
             block_plan = {}
             for name in block_names:
@@ -328,8 +365,9 @@ def _apply_sequential(model, store, linears, meta, kind, n, m, sink_aware, setti
                 elif method == "sparsegpt":
                     hessian = stats[name]["hessian"]
                     _finite(name, hessian)
-                mask, new_weight = _prune_one(module.weight, method, sparsity, kind, n, m, norm, hessian,
-                                              blocksize, percdamp)
+                mask, new_weight = _prune_one(
+                    module.weight, method, sparsity, kind, n, m, norm, hessian, blocksize, percdamp
+                )
                 block_plan[name] = (mask, new_weight)
                 rows.append(_report_row(name, module, mask, time.perf_counter() - start))
             for name, (mask, new_weight) in block_plan.items():
@@ -354,7 +392,7 @@ def _apply_structured(model, store, ratio, sink_aware, settings, accumulate, mod
     """Wanda-sp / FLAP structured pruning from the store's activation norms (``prune.structured``).
 
     Refuses what it cannot honour before computing anything: another method (the score is Wanda's),
-    ``sequential=True``, no store, or an architecture without adapters. The report has one row per
+    ``sequential=True``, or an architecture without adapters. The report has one row per
     linear whose shape changed: dense → pruned shape, the fraction of its weights removed, and an
     equal share of the total planning + slicing time.
     """
@@ -367,11 +405,6 @@ def _apply_structured(model, store, ratio, sink_aware, settings, accumulate, mod
         )
     if meta["sequential"]:
         raise ValueError("pattern='structured' is one-shot from the store; pass sequential=False.")
-    if store is None:
-        raise ValueError(
-            "pattern='structured' needs a calibration store for its activation norms; record one with "
-            "attnprobe.record(model, path, linear_stats=True)."
-        )
     structured.find_structures(model)  # unsupported architecture: fail before reading the store
     start = time.perf_counter()
     norms = activation_norms(store, sink_aware=sink_aware, settings=settings, accumulate=accumulate)
@@ -386,17 +419,20 @@ def _apply_structured(model, store, ratio, sink_aware, settings, accumulate, mod
     for name, (out_f, in_f) in dense.items():
         module = linears[name]
         if (module.out_features, module.in_features) != (out_f, in_f):
-            rows.append({
-                "layer": name,
-                "shape": f"{out_f}x{in_f}->{module.out_features}x{module.in_features}",
-                "sparsity": 1 - module.out_features * module.in_features / (out_f * in_f),
-                "seconds": 0.0,
-            })
+            rows.append(
+                {
+                    "layer": name,
+                    "shape": f"{out_f}x{in_f}->{module.out_features}x{module.in_features}",
+                    "sparsity": 1 - module.out_features * module.in_features / (out_f * in_f),
+                    "seconds": 0.0,
+                }
+            )
     for row in rows:  # planning and slicing are not timed per linear: share the total equally
         row["seconds"] = seconds / len(rows)
     import pandas as pd
 
     report = pd.DataFrame(rows, columns=["layer", "shape", "sparsity", "seconds"])
-    logger.info("structured pruning (%s, ratio %.3f) shrank %d linears in %.2fs", mode, ratio, len(rows),
-                seconds)
+    logger.info(
+        "structured pruning (%s, ratio %.3f) shrank %d linears in %.2fs", mode, ratio, len(rows), seconds
+    )
     return PruneResult(masks={}, report=report, settings={**meta, "structured_mode": mode}, plan=plan)

@@ -285,8 +285,10 @@ def plan_structured(
         chans.append(channel_scores(modules[s.down].weight, _stat(act_norms, s.down, outputs)).cpu())
     keep_groups, keep_chans = _select(groups, ratio, mode), _select(chans, ratio, mode)
     plan = StructuredPlan(
-        keep_heads={s.name: [g * s.group_size + j for g in kg for j in range(s.group_size)]
-                    for s, kg in zip(attn, keep_groups)},
+        keep_heads={
+            s.name: [g * s.group_size + j for g in kg for j in range(s.group_size)]
+            for s, kg in zip(attn, keep_groups)
+        },
         keep_channels={s.name: kc for s, kc in zip(mlps, keep_chans)},
         ratio=float(ratio),
         mode=mode,
@@ -298,8 +300,15 @@ def plan_structured(
         plan.bias_shift = _bias_shifts(modules, attn, mlps, plan, act_means, create_bias)
     removed_h = sum(s.num_heads - len(plan.keep_heads[s.name]) for s in attn)
     removed_c = sum(s.width - len(plan.keep_channels[s.name]) for s in mlps)
-    logger.info("structured plan (%s, ratio %.3f): remove %d of %d heads, %d of %d MLP channels", mode, ratio,
-                removed_h, sum(s.num_heads for s in attn), removed_c, sum(s.width for s in mlps))
+    logger.info(
+        "structured plan (%s, ratio %.3f): remove %d of %d heads, %d of %d MLP channels",
+        mode,
+        ratio,
+        removed_h,
+        sum(s.num_heads for s in attn),
+        removed_c,
+        sum(s.width for s in mlps),
+    )
     return plan
 
 
@@ -396,8 +405,11 @@ def _validate(plan: StructuredPlan, specs: list[AttentionSpec | MlpSpec]) -> lis
     for name, keep in plan.keep_heads.items():
         spec = _lookup(attn, name, "attention module")
         planned = plan.num_heads.get(name)
-        _check_dense(name, None if planned is None else list(planned),
-                     [spec.num_heads, spec.num_kv_heads, spec.head_dim])
+        _check_dense(
+            name,
+            None if planned is None else list(planned),
+            [spec.num_heads, spec.num_kv_heads, spec.head_dim],
+        )
         heads = _check_keep(name, keep, spec.num_heads, "head")
         kv = heads.div(spec.group_size, rounding_mode="floor").unique()
         if heads.numel() != kv.numel() * spec.group_size:
@@ -416,9 +428,9 @@ def _validate(plan: StructuredPlan, specs: list[AttentionSpec | MlpSpec]) -> lis
     return work
 
 
-
-def _shrink(modules: dict[str, nn.Module], spec: AttentionSpec | MlpSpec, keep: Tensor,
-            kv: Tensor | None) -> AttentionSpec | MlpSpec:
+def _shrink(
+    modules: dict[str, nn.Module], spec: AttentionSpec | MlpSpec, keep: Tensor, kv: Tensor | None
+) -> AttentionSpec | MlpSpec:
     """Slice one attention module or MLP in place; return its new spec."""
     adapter = ADAPTERS[spec.adapter]
     if isinstance(spec, MlpSpec):

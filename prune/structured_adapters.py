@@ -286,5 +286,5 @@ def write_config_widths(model: nn.Module, specs: list[AttentionSpec | MlpSpec]) 
             "the model config cannot express the pruned %s (per-layer widths differ, or the architecture "
             "derives them from its config); save_pretrained will not reload it. Save the plan "
             "(prune.structured.save_plan) and re-apply it to the dense checkpoint.",
-            " and ".join(unexpressed))
-
+            " and ".join(unexpressed),
+        )
