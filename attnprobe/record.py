@@ -443,7 +443,8 @@ class Recording:
             )
             return
         forward.inputs[name] = x
-        held = sum(t.numel() * t.element_size() for t in forward.inputs.values())
+        earlier = self._step.forwards if self._step is not None else []
+        held = sum(t.numel() * t.element_size() for f in [*earlier, forward] for t in f.inputs.values())
         self.peak_buffer_bytes = max(self.peak_buffer_bytes, held)
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -461,6 +462,13 @@ class Recording:
             for layer in f.mass:
                 if layer not in self._layers:
                     self._layers.append(layer)
+        lengths = {self._valid_of(f).shape[1] for f in forwards}
+        if len(lengths) > 1:
+            raise RuntimeError(
+                f"the forwards grouped into one step have different sequence lengths {sorted(lengths)}; "
+                "a step's forwards are stacked along the batch, so give them one length (pad) or record "
+                "them as separate steps"
+            )
         layers = [layer for layer in self._layers if all(layer in f.mass for f in forwards)]
         tensors: dict[str, Tensor] = {}
         for layer in layers:
