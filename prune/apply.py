@@ -142,27 +142,49 @@ def _finite(name: str, tensor: Tensor) -> None:
         )
 
 
-def _prune_one(
-    weight: Tensor,
-    method: str,
-    sparsity: float,
-    kind: str,
-    n: int,
-    m: int,
-    norm: Tensor | None,
-    hessian: Tensor | None,
-    blocksize: int,
-    percdamp: float,
-) -> tuple[Tensor, Tensor | None]:
-    """Mask (and, for SparseGPT, the new weight) of one linear; the weight is not modified."""
-    if method == "sparsegpt":
+@dataclass(frozen=True)
+class _Selection:
+    """How every selected linear is pruned: method, pattern and SparseGPT's settings."""
+
+    method: str
+    sparsity: float
+    kind: str  # "unstructured" or "n:m"
+    n: int
+    m: int
+    blocksize: int
+    percdamp: float
+
+
+def _plan_linear(
+    name: str, module: nn.Linear, how: _Selection, norm: Tensor | None, hessian: Tensor | None
+) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+    """Mask, SparseGPT's new weight (or None) and report row of one linear; nothing is modified."""
+    start = time.perf_counter()
+    if how.method == "wanda" and norm is None or how.method == "sparsegpt" and hessian is None:
+        raise ValueError(f"the store has no statistics for {name}; exclude it with ignore= or re-record")
+    for stat in (norm, hessian):
+        if stat is not None:
+            _finite(name, stat)
+    new_weight = None
+    if how.method == "sparsegpt":
         new_weight, mask = sparsegpt_prune(
-            weight, hessian, sparsity, prune_n=n, prune_m=m, blocksize=blocksize, percdamp=percdamp
+            module.weight,
+            hessian,
+            how.sparsity,
+            prune_n=how.n,
+            prune_m=how.m,
+            blocksize=how.blocksize,
+            percdamp=how.percdamp,
         )
-        return mask, new_weight
-    scores = magnitude_scores(weight) if method == "magnitude" else wanda_scores(weight, norm)
-    pattern = "unstructured" if kind == masks_mod.UNSTRUCTURED else f"{n}:{m}"
-    return masks_mod.select_mask(scores, pattern, sparsity), None
+    else:
+        scores = (
+            magnitude_scores(module.weight)
+            if how.method == "magnitude"
+            else wanda_scores(module.weight, norm)
+        )
+        pattern = "unstructured" if how.kind == masks_mod.UNSTRUCTURED else f"{how.n}:{how.m}"
+        mask = masks_mod.select_mask(scores, pattern, how.sparsity)
+    return mask, new_weight, _report_row(name, module, mask, time.perf_counter() - start)
 
 
 @torch.no_grad()
@@ -260,22 +282,9 @@ def apply(
             model, store, sparsity, sink_aware, settings, accumulate, structured_mode, meta
         )
     linears = _select_linears(model, store, targets, ignore)
+    how = _Selection(method, float(sparsity), kind, n, m, blocksize, percdamp)
     if sequential:
-        return _apply_sequential(
-            model,
-            store,
-            linears,
-            meta,
-            kind,
-            n,
-            m,
-            sink_aware,
-            settings,
-            accumulate,
-            blocksize,
-            percdamp,
-            progress,
-        )
+        return _apply_sequential(model, store, linears, meta, how, sink_aware, settings, accumulate, progress)
     norms: dict[str, Tensor] = {}
     hessians: dict[str, Tensor] = {}
     if method == "wanda":
@@ -285,18 +294,9 @@ def apply(
     plan = {}
     rows = []
     for name, module in tqdm(linears.items(), desc=f"prune {method}", disable=not progress):
-        start = time.perf_counter()
-        norm, hessian = norms.get(name), hessians.get(name)
-        if method == "wanda" and norm is None or method == "sparsegpt" and hessian is None:
-            raise ValueError(f"the store has no statistics for {name}; exclude it with ignore= or re-record")
-        for stat in (norm, hessian):
-            if stat is not None:
-                _finite(name, stat)
-        mask, new_weight = _prune_one(
-            module.weight, method, sparsity, kind, n, m, norm, hessian, blocksize, percdamp
-        )
+        mask, new_weight, row = _plan_linear(name, module, how, norms.get(name), hessians.get(name))
         plan[name] = (mask, new_weight)
-        rows.append(_report_row(name, module, mask, time.perf_counter() - start))
+        rows.append(row)
     # Every mask exists: only now touch the weights.
     for name, (mask, new_weight) in plan.items():
         _write(linears[name], mask, new_weight)
@@ -333,9 +333,8 @@ def _result(plan: dict[str, tuple[Tensor, Tensor | None]], rows: list[dict], met
 
 
 def _apply_sequential(
-    model, store, linears, meta, kind, n, m, sink_aware, settings, accumulate, blocksize, percdamp, progress
+    model, store, linears, meta, how: _Selection, sink_aware, settings, accumulate, progress
 ) -> PruneResult:
-    method, sparsity = meta["method"], meta["sparsity"]
     backup = {name: module.weight.detach().to("cpu", copy=True) for name, module in linears.items()}
     plan: dict[str, tuple[Tensor, Tensor | None]] = {}
     rows = []
@@ -346,30 +345,18 @@ def _apply_sequential(
             list(linears),
             sink_aware=sink_aware,
             settings=settings,
-            hessians=method == "sparsegpt",
+            hessians=how.method == "sparsegpt",
             progress=progress,
         ):
             block_plan = {}
             for name in block_names:
-                start = time.perf_counter()
-                module = linears[name]
-                if name not in stats:
-                    if method == "magnitude":
-                        stats[name] = {}
-                    else:
-                        raise ValueError(f"replaying the store produced no inputs for {name}")
-                norm = hessian = None
-                if method == "wanda":
-                    norm = _norm_from_replay(stats[name], accumulate)
-                    _finite(name, norm)
-                elif method == "sparsegpt":
-                    hessian = stats[name]["hessian"]
-                    _finite(name, hessian)
-                mask, new_weight = _prune_one(
-                    module.weight, method, sparsity, kind, n, m, norm, hessian, blocksize, percdamp
-                )
+                if name not in stats and how.method != "magnitude":
+                    raise ValueError(f"replaying the store produced no inputs for {name}")
+                norm = _norm_from_replay(stats[name], accumulate) if how.method == "wanda" else None
+                hessian = stats[name]["hessian"] if how.method == "sparsegpt" else None
+                mask, new_weight, row = _plan_linear(name, linears[name], how, norm, hessian)
                 block_plan[name] = (mask, new_weight)
-                rows.append(_report_row(name, module, mask, time.perf_counter() - start))
+                rows.append(row)
             for name, (mask, new_weight) in block_plan.items():
                 _write(linears[name], mask, new_weight)
             plan.update(block_plan)
