@@ -31,7 +31,6 @@ import pipeline  # noqa: E402
 import attnprobe  # noqa: E402
 import prune  # noqa: E402
 from attnprobe import sinks  # noqa: E402
-from attnprobe.plot import plot_sinks  # noqa: E402
 
 
 def run(out: Path, *, quick: bool = False) -> dict:
@@ -68,14 +67,7 @@ def run(out: Path, *, quick: bool = False) -> dict:
         )
     phases.update()
 
-    for name in ("generation", "calibration"):
-        stores = [attnprobe.open(stores_dir / f"{kind}-{name}") for kind in ("dlm", "ar")]
-        plot_sinks(
-            stores,
-            [f"diffusion LM ({name})", f"autoregressive twin ({name})"],
-            figures / f"sinks-{name}.png",
-            progress=False,
-        )
+    pipeline.plot_pairs(stores_dir, figures)
     metrics = pd.DataFrame(
         [
             {

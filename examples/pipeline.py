@@ -147,6 +147,18 @@ def record_calibration(
     return store
 
 
+def plot_pairs(stores_dir: Path, figures: Path) -> list[Path]:
+    """Draw DLM and AR side by side for the stores ``<kind>-generation`` and ``<kind>-calibration``."""
+    from attnprobe.plot import plot_sinks
+
+    drawn = []
+    for name in ("generation", "calibration"):
+        stores = [attnprobe.open(stores_dir / f"{kind}-{name}") for kind in ("dlm", "ar")]
+        labels = [f"diffusion LM ({name})", f"autoregressive twin ({name})"]
+        drawn.append(plot_sinks(stores, labels, figures / f"sinks-{name}.png", progress=False))
+    return drawn
+
+
 def prune_and_evaluate(
     dense: nn.Module,
     store,

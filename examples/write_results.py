@@ -27,7 +27,6 @@ import pipeline  # noqa: E402
 import attnprobe  # noqa: E402
 import prune  # noqa: E402
 from attnprobe import sinks  # noqa: E402
-from attnprobe.plot import plot_sinks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 UNSTRUCTURED_SETTINGS = [(0.5, "unstructured"), (0.6, "unstructured"), (0.7, "unstructured"), (0.5, "2:4")]
@@ -72,19 +71,19 @@ def sink_properties(pair: pipeline.Pair, work: Path, figures: Path, quick: bool)
     rows = []
     for kind, label in (("dlm", "diffusion LM"), ("ar", "autoregressive twin")):
         pipeline.record_generation(
-            pair, kind, work / f"{kind}-gen", prompts, steps=steps, gen_length=gen_length
+            pair, kind, work / f"{kind}-generation", prompts, steps=steps, gen_length=gen_length
         )
         pipeline.record_calibration(
             pair,
             kind,
-            work / f"{kind}-cal",
+            work / f"{kind}-calibration",
             calibration[:8],
             hessians=False,
             steps=10 if quick else 50,
             sample_interval=5,
         )
-        for name, store_dir in (("generation", work / f"{kind}-gen"), ("calibration", work / f"{kind}-cal")):
-            store = attnprobe.open(store_dir)
+        for name in ("generation", "calibration"):
+            store = attnprobe.open(work / f"{kind}-{name}")
             summary = sinks.summary(store)
             move = _movement(store)
             rows.append(
@@ -102,14 +101,7 @@ def sink_properties(pair: pipeline.Pair, work: Path, figures: Path, quick: bool)
                     f"{move['distinct_dominant']:.1f}",
                 ]
             )
-    for name, suffix in (("generation", "gen"), ("calibration", "cal")):
-        stores = [attnprobe.open(work / f"{kind}-{suffix}") for kind in ("dlm", "ar")]
-        plot_sinks(
-            stores,
-            [f"diffusion LM ({name})", f"autoregressive twin ({name})"],
-            figures / f"sinks-{name}.png",
-            progress=False,
-        )
+    pipeline.plot_pairs(work, figures)
     header = [
         "model",
         "trajectory",
