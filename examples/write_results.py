@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         unstructured, dense_nll = unstructured_tables(pair, stores, heldout, eval_samples)
         structured = structured_table(pair, stores, heldout, eval_samples)
     minutes = (time.perf_counter() - start) / 60
+    config = pair.dlm.config
     text = RESULTS_TEMPLATE.format(
         properties=properties,
         unstructured=unstructured,
@@ -262,8 +263,8 @@ RESULTS_TEMPLATE = """# Results on the shipped small pair{quick}
 
 Written by `python examples/write_results.py --seeds {seeds}` ({minutes:.1f} minutes on {threads} CPU
 threads, {machine}); every number below comes from that run. Models: `examples/models/tiny-dlm` (masked
-diffusion, bidirectional) and `examples/models/tiny-ar` (its causal twin), byte-level, 4 layers, 6 heads,
-sequence length 128 (model card: `examples/models/README.md`).
+diffusion, bidirectional) and `examples/models/tiny-ar` (its causal twin), byte-level, {layers} layers, {heads} heads,
+sequence length {length} (model card: `examples/models/README.md`).
 
 ## 1. Attention sinks: diffusion LM vs autoregressive twin
 
@@ -307,7 +308,7 @@ median forward time of a (8, 128) batch on this CPU. NLL as above, mean ± std o
 
 ## Where a small byte-level pair may differ from the paper's 8B models
 
-- Attention mass is in units of layers × heads = 24 here (≈ 1,000 for LLaDA 8B), so the sink rule's
+- Attention mass is in units of layers × heads = {mass_units} here (≈ 1,000 for LLaDA 8B), so the sink rule's
   sigmoid (alpha 5) is a soft weight here rather than the hard 0/1 step it is at 8B; fewer tokens are
   fully zeroed.
 - Sequences are 128 bytes, not 4,096 tokens; a byte-level model spends attention on spaces and
