@@ -253,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         machine=platform.machine(),
         threads=torch.get_num_threads(),
         quick=" (quick settings: not for reading)" if args.quick else "",
+        layers=config.num_hidden_layers,
+        heads=config.num_attention_heads,
+        length=heldout.shape[1],
+        mass_units=config.num_hidden_layers * config.num_attention_heads,
     )
     args.out.write_text(text)
     print(f"wrote {args.out} in {minutes:.1f} min")
@@ -263,8 +267,8 @@ RESULTS_TEMPLATE = """# Results on the shipped small pair{quick}
 
 Written by `python examples/write_results.py --seeds {seeds}` ({minutes:.1f} minutes on {threads} CPU
 threads, {machine}); every number below comes from that run. Models: `examples/models/tiny-dlm` (masked
-diffusion, bidirectional) and `examples/models/tiny-ar` (its causal twin), byte-level, {layers} layers, {heads} heads,
-sequence length {length} (model card: `examples/models/README.md`).
+diffusion, bidirectional) and `examples/models/tiny-ar` (its causal twin), byte-level, {layers} layers,
+{heads} heads, sequence length {length} (model card: `examples/models/README.md`).
 
 ## 1. Attention sinks: diffusion LM vs autoregressive twin
 
