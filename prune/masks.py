@@ -117,14 +117,19 @@ def parse_pattern(pattern: str, sparsity: float) -> tuple[str, int | None, int |
     return N_M, n, m
 
 
-def _check_scores(scores: Tensor, name: str = "scores") -> None:
-    if not isinstance(scores, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(scores).__name__}.")
-    if scores.ndim != 2:
+def check_matrix(tensor: Tensor, name: str) -> None:
+    """Raise unless ``tensor`` is a 2-D (out_features, in_features) tensor, naming it in the error."""
+    if not isinstance(tensor, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}.")
+    if tensor.ndim != 2:
         raise ValueError(
-            f"{name} must be 2-D (out_features, in_features), got shape {tuple(scores.shape)}; "
+            f"{name} must be 2-D (out_features, in_features), got shape {tuple(tensor.shape)}; "
             "flatten convolution kernels to (out, in) first."
         )
+
+
+def _check_scores(scores: Tensor, name: str = "scores") -> None:
+    check_matrix(scores, name)
     if scores.is_floating_point() and not torch.isfinite(scores).all():
         raise ValueError(
             f"{name} contain NaN or Inf; check the calibration statistics (e.g. fp16 overflow: "

@@ -15,17 +15,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prune.masks import check_matrix
+
 _REDUCTIONS = ("wanda", "sum_of_norms")
 
 
 def _check_weight(weight: Tensor) -> None:
-    if not isinstance(weight, Tensor):
-        raise ValueError(f"weight must be a torch.Tensor, got {type(weight).__name__}.")
-    if weight.ndim != 2:
-        raise ValueError(
-            f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}; "
-            "flatten convolution kernels to (out, in) first."
-        )
+    check_matrix(weight, "weight")
     if not weight.is_floating_point():
         raise ValueError(f"weight must be a floating-point tensor, got {weight.dtype}.")
     if not torch.isfinite(weight).all():
