@@ -41,7 +41,7 @@ from attnprobe.capture import SdpaCall, SdpaObserver
 from attnprobe.linear_stats import reduce_inputs
 from attnprobe.mass import attention_mass
 from attnprobe.registry import Targets, discover
-from attnprobe.store import StoreWriter
+from attnprobe.store_writer import StoreWriter
 
 logger = logging.getLogger(__name__)
 

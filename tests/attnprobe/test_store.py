@@ -15,7 +15,8 @@ import torch
 
 import attnprobe
 from attnprobe import store as store_mod
-from attnprobe.store import StoreError, StoreWriter, TrajectoryStore, open_store
+from attnprobe.store import StoreError, TrajectoryStore, open_store
+from attnprobe.store_writer import StoreWriter
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = ["model.layers.0.self_attn", "model.layers.1.self_attn"]
@@ -282,11 +283,11 @@ def test_process_killed_between_write_and_rename(tmp_path):
     # A real hard kill (os._exit: no finally, no cleanup) after step 2's data reached its temp file.
     script = textwrap.dedent(f"""
         import os, torch
-        from attnprobe import store
-        writer = store.StoreWriter.create({str(tmp_path / "s")!r}, fingerprint={{}}, options={{}})
+        from attnprobe.store_writer import StoreWriter
+        writer = StoreWriter.create({str(tmp_path / "s")!r}, fingerprint={{}}, options={{}})
         for i in range(2):
             writer.write_step({{"mass/0": torch.full((1, 1, 3), float(i))}}, {{}}, {{}})
-        store.os.replace = lambda src, dst: os._exit(9)
+        os.replace = lambda src, dst: os._exit(9)
         writer.write_step({{"mass/0": torch.zeros(1, 1, 3)}}, {{}}, {{}})
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

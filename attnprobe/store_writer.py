@@ -1,0 +1,377 @@
+"""Writing a trajectory store: one atomic safetensors file per step (format in :mod:`attnprobe.store`).
+
+Every file is written under a hidden temporary name in its final directory, flushed with ``fsync``,
+then renamed over its final name with ``os.replace`` (atomic on POSIX and Windows), so a process killed
+mid-write leaves either the complete file or a ``.*.tmp`` file that readers ignore and the next writer
+deletes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+from attnprobe.store import (
+    _STEP_FILE,
+    _TEMP_FILE,
+    FORMAT,
+    HESSIANS,
+    MANIFEST,
+    SCHEMA_VERSION,
+    STEPS_DIR,
+    StoreError,
+    TrajectoryStore,
+    _read_manifest,
+    _step_indices,
+    step_filename,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _jsonable(value: Any) -> Any:
+    """``json.dumps`` fallback: 0-dim tensors and numpy scalars become numbers, small tensors lists."""
+    if isinstance(value, Tensor) or hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def _dumps(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value, default=_jsonable)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{what} must be JSON-serialisable ({err}); pass numbers, strings, lists and dicts "
+            "(e.g. t=float(t), not a tensor of several values)."
+        ) from None
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (not possible, and not needed, on Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(target: Path, write: Any) -> None:
+    """Call ``write(temp_path)``, fsync the temp file, then ``os.replace`` it onto ``target``."""
+    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(temp)
+        with open(temp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _save_tensors(target: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> None:
+    """Write ``tensors`` atomically to ``target``: on the CPU, contiguous, not sharing memory."""
+    out: dict[str, Tensor] = {}
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tensor names written to {target} must be non-empty strings, got {name!r}")
+        if not isinstance(tensor, Tensor):
+            raise TypeError(
+                f"{name!r} written to {target} must be a torch.Tensor, got {type(tensor).__name__}"
+            )
+        t = tensor.detach().to("cpu").contiguous()
+        # safetensors refuses tensors sharing storage (views of one buffer): give each its own.
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        out[name] = t
+    _atomic_write(target, lambda temp: save_file(out, temp, metadata=metadata))
+
+
+def _attnprobe_version() -> str:
+    try:
+        from attnprobe import __version__
+    except ImportError:  # attnprobe/__init__ still importing
+        return "unknown"
+    return __version__
+
+
+# -- reading -------------------------------------------------------------------------------------------
+
+
+def _normalise(value: Any, what: str) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), checking it is serialisable."""
+    return json.loads(_dumps(value, what))
+
+
+def _differing(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys set (non-empty) on both sides with different values."""
+    both = old.keys() & new.keys()
+    return sorted(k for k in both if not _unset(old[k]) and not _unset(new[k]) and old[k] != new[k])
+
+
+def _unset(value: Any) -> bool:
+    """A fingerprint field not known yet (``layers`` before the first step)."""
+    return value is None or value == [] or value == {} or value == ""
+
+
+def _remove_temp_files(path: Path) -> None:
+    for directory in (path, path / STEPS_DIR):
+        if directory.is_dir():
+            for entry in directory.iterdir():
+                if _TEMP_FILE.match(entry.name) and entry.is_file():
+                    logger.info("attnprobe: removing %s left by an interrupted write", entry)
+                    entry.unlink(missing_ok=True)
+
+
+class StoreWriter:
+    """Writes a trajectory store, one atomic file per step; create it with :meth:`create`.
+
+    The writer's :attr:`store` is a :class:`TrajectoryStore` on the same directory that reads every
+    completed step while writing goes on (``store.num_steps`` counts them). With ``path=None`` that
+    store owns a temporary directory, which lives as long as the store object (see
+    :class:`TrajectoryStore`), not merely as long as the writer.
+
+    Example:
+        >>> import torch
+        >>> writer = StoreWriter.create(None, fingerprint={"layers": ["attn"]}, options={})
+        >>> writer.write_step({"mass/0": torch.ones(1, 2, 3)}, {"t": 0.5}, {})
+        0
+        >>> writer.store.attention_mass(0).shape
+        torch.Size([1, 1, 2, 3])
+    """
+
+    def __init__(self, store: TrajectoryStore) -> None:
+        self._store = store
+        self._next = store.num_steps
+        self._closed = False
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path | None,
+        *,
+        fingerprint: dict[str, Any],
+        options: dict[str, Any],
+        overwrite: bool = False,
+        append: bool = False,
+    ) -> StoreWriter:
+        """Start a store at ``path`` (a new or empty directory), or replace / extend an existing one.
+
+        Args:
+            path: store directory (created with its parents); ``None`` makes a temporary directory
+                owned by ``writer.store``, deleted when that object is closed or garbage collected.
+            fingerprint: what is recorded (``model_class``, ``layers``, ``heads``, ``linears``).
+            options: recording options, kept in the manifest.
+            overwrite: delete an existing store at ``path`` (only its manifest, steps and Hessians:
+                other files, and directories that are not stores, are never deleted).
+            append: add steps after the existing store's last completed step. Its fingerprint and
+                options must match these (fields still empty on either side, such as ``layers``
+                before the first step, are not compared).
+
+        Returns:
+            A :class:`StoreWriter`.
+
+        Raises:
+            ValueError: ``path`` holds a store and neither ``overwrite`` nor ``append`` is set, holds
+                other files, or (``append``) a store of another model or other options.
+
+        Example:
+            >>> w = StoreWriter.create("runs/x", fingerprint={}, options={}, overwrite=True)  # doctest: +SKIP
+        """
+        if overwrite and append:
+            raise ValueError("overwrite=True and append=True exclude each other; pass one of them.")
+        fingerprint = _normalise(fingerprint, "the store fingerprint")
+        options = _normalise(options, "the store options")
+        if path is None:
+            tempdir = tempfile.TemporaryDirectory(prefix="attnprobe-", ignore_cleanup_errors=True)
+            root = Path(tempdir.name)
+            cls._write_manifest(root, cls._new_manifest(fingerprint, options))
+            (root / STEPS_DIR).mkdir()
+            return cls(TrajectoryStore(root, _tempdir=tempdir))
+        root = Path(path)
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"cannot record into {root}: it is a file. Choose a directory path.")
+        if root.is_dir() and any(root.iterdir()):
+            if not (root / MANIFEST).exists():
+                raise ValueError(
+                    f"{root} is not empty and is not an attnprobe store (no {MANIFEST}); attnprobe never "
+                    "writes into or deletes other files, even with overwrite=True. Choose a new or empty "
+                    "directory."
+                )
+            try:
+                _read_manifest(root)
+            except StoreError as err:
+                raise StoreError(
+                    f"{err} (overwrite=True deletes only an attnprobe store with a readable manifest: delete "
+                    f"{root} yourself if it is disposable, or choose another path.)"
+                ) from None
+            if append:
+                return cls._append(TrajectoryStore(root), fingerprint, options)
+            if not overwrite:
+                count = len(_step_indices(root / STEPS_DIR))
+                raise ValueError(
+                    f"{root} already holds an attnprobe store ({count} steps); pass overwrite=True to "
+                    "replace it, append=True to add steps to it, or choose another path."
+                )
+            cls._delete_store(root)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / STEPS_DIR).mkdir(exist_ok=True)
+        cls._write_manifest(root, cls._new_manifest(fingerprint, options))
+        return cls(TrajectoryStore(root))
+
+    @classmethod
+    def _append(
+        cls, existing: TrajectoryStore, fingerprint: dict[str, Any], options: dict[str, Any]
+    ) -> StoreWriter:
+        old = existing.fingerprint
+        checks = (("fingerprint", old, fingerprint), ("options", existing.options, options))
+        for what, before, after in checks:
+            keys = _differing(before, after)
+            if keys:
+                shown = "; ".join(f"{k}: stored {before[k]!r}, now {after[k]!r}" for k in keys)
+                raise ValueError(
+                    f"cannot append to {existing.path / MANIFEST}: its {what} differs in {keys} "
+                    f"({shown[:500]}). Append only recordings of the same model with the same options, or "
+                    "record into a new path."
+                )
+        _remove_temp_files(existing.path)
+        writer = cls(existing)
+        merged = {**old, **{k: v for k, v in fingerprint.items() if _unset(old.get(k))}}
+        if merged != old:
+            writer.update_fingerprint(**merged)
+        logger.info("attnprobe: appending to %s after step %d", existing.path, writer._next - 1)
+        return writer
+
+    @staticmethod
+    def _new_manifest(fingerprint: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "format": FORMAT,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "attnprobe_version": _attnprobe_version(),
+            "fingerprint": fingerprint,
+            "options": options,
+        }
+
+    @staticmethod
+    def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+        text = json.dumps(manifest, indent=2) + "\n"
+        _atomic_write(root / MANIFEST, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+
+    @staticmethod
+    def _delete_store(root: Path) -> None:
+        """Delete the store's own files; the manifest last, so an interruption leaves a store."""
+        logger.info("attnprobe: overwriting the store at %s", root)
+        _remove_temp_files(root)
+        steps = root / STEPS_DIR
+        if steps.is_dir():
+            for entry in sorted(steps.iterdir(), reverse=True):  # last step first: no gaps meanwhile
+                if _STEP_FILE.match(entry.name):
+                    entry.unlink()
+            if not any(steps.iterdir()):
+                steps.rmdir()
+        (root / HESSIANS).unlink(missing_ok=True)
+        (root / MANIFEST).unlink()
+
+    # -- writing -------------------------------------------------------------------------------------
+
+    @property
+    def store(self) -> TrajectoryStore:
+        """The store being written, readable at any time."""
+        return self._store
+
+    @property
+    def path(self) -> Path:
+        """The store directory."""
+        return self._store.path
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(
+                f"the writer of {self.path} is closed; reopen it with StoreWriter.create(..., append=True)."
+            )
+
+    def update_fingerprint(self, **fields: Any) -> None:
+        """Set fingerprint fields (e.g. ``layers`` once step 0 ran), rewriting the manifest atomically.
+
+        Example:
+            >>> writer.update_fingerprint(layers=["model.layers.0.self_attn"])  # doctest: +SKIP
+        """
+        self._check_open()
+        manifest = _read_manifest(self.path)
+        manifest["fingerprint"].update(_normalise(fields, "fingerprint fields"))
+        self._write_manifest(self.path, manifest)
+        self._store._reload()
+
+    def write_step(
+        self, tensors: dict[str, Tensor], meta: dict[str, Any], groups: dict[str, list[str]]
+    ) -> int:
+        """Write the next step's file atomically and return its index.
+
+        Args:
+            tensors: named tensors (layout in docs/DESIGN.md), moved to the CPU and made contiguous.
+            meta: JSON-serialisable metadata; ``step`` is set to the index, ``mask_ratio`` defaults to null.
+            groups: input group -> names of the linears fed that input.
+
+        Returns:
+            The step index.
+
+        Example:
+            >>> writer.write_step({"mass/0": mass, "valid": valid}, {"t": 0.3}, {})  # doctest: +SKIP
+            0
+        """
+        self._check_open()
+        index = self._next
+        target = self.path / STEPS_DIR / step_filename(index)
+        if target.exists():
+            raise RuntimeError(
+                f"{target} already exists: another writer is adding steps to this store. Record into a "
+                "separate path, one writer per store."
+            )
+        meta = {"mask_ratio": None, **meta, "step": index}
+        metadata = {"meta": _dumps(meta, "step metadata"), "groups": _dumps(groups, "step groups")}
+        _save_tensors(target, tensors, metadata)
+        self._next = index + 1
+        logger.debug("attnprobe: wrote %s", target)
+        return index
+
+    def write_hessians(self, tensors: dict[str, Tensor]) -> None:
+        """Write ``hessians.safetensors`` (``<g>/plain``, ``<g>/weighted``, ``<g>/nsamples``) atomically.
+
+        Replaces an existing file.
+
+        Example:
+            >>> writer.write_hessians({"q/plain": h, "q/weighted": hw, "q/nsamples": n})  # doctest: +SKIP
+        """
+        self._check_open()
+        for name in tensors:
+            if not isinstance(name, str) or "/" not in name:
+                raise ValueError(
+                    f"Hessian tensor names must be '<group>/<field>' (e.g. 'q/plain'), got {name!r}"
+                )
+        _save_tensors(self.path / HESSIANS, tensors, None)
+
+    def close(self) -> None:
+        """Stop writing (the store stays readable; a temporary one lives as long as :attr:`store`)."""
+        self._closed = True
+
+    def __repr__(self) -> str:
+        return f"StoreWriter({str(self.path)!r}, next_step={self._next}{', closed' if self._closed else ''})"
