@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from attnprobe.sampler import generate, transfer_schedule
+from tests import models
 
 VOCAB = 48
 MASK = 47
@@ -14,22 +15,8 @@ MASK = 47
 
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
-    """A random 2-layer bidirectional Llama; the seed is local so other tests are not disturbed."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=64,
-            is_causal=False,
-            mask_token_id=MASK,
-            attn_implementation="sdpa",
-        )
-        return LlamaForCausalLM(config).eval()
+    """A random 2-layer bidirectional Llama (the shared test stand-in) with a 48-token vocabulary."""
+    return models.llama_bidirectional(vocab_size=VOCAB, mask_token_id=MASK, max_position_embeddings=64)
 
 
 class Recorder:
