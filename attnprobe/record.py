@@ -509,8 +509,8 @@ class Recording:
         # Sink weights use the mass of every layer whose keys are the step's tokens.
         tokens = valid.shape[1]
         per_layer = [tensors[f"mass/{self._layers.index(layer)}"] for layer in layers]
-        total = sum(m.sum(dim=1) for m in per_layer if m.shape[-1] == tokens)  # (batch, tokens)
-        if not isinstance(total, Tensor):  # no layer attends over the step's own tokens
+        total = sinks.step_mass(per_layer, tokens)  # (batch, tokens)
+        if total is None:  # no layer attends over the step's own tokens
             total = torch.zeros(valid.shape, device=valid.device)
         weights = sinks.sink_weights(total, valid, sink_std=self.sink_std, sink_alpha=self.sink_alpha)
         if self.candidate_floor_std is not None:

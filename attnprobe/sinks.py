@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -93,6 +94,28 @@ def total_mass(layer_mass: Tensor) -> Tensor:
         f"layer_mass must be (layers, batch, heads, keys) or (batch, heads, keys), got shape "
         f"{tuple(layer_mass.shape)}."
     )
+
+
+def step_mass(layer_masses: Iterable[Tensor], tokens: int) -> Tensor | None:
+    """The step mass the sink rule reads: summed over heads and over every layer whose keys are the
+    step's ``tokens`` (layers attending over other sequences, e.g. an encoder's, are left out).
+
+    Args:
+        layer_masses: one ``(batch, heads, keys)`` tensor per layer.
+        tokens: the step's sequence length.
+
+    Returns:
+        float32 ``(batch, tokens)``, or None when no layer attends over the step's tokens.
+
+    Example:
+        >>> step_mass([torch.ones(1, 2, 3), torch.ones(1, 2, 4)], 3).tolist()
+        [[2.0, 2.0, 2.0]]
+    """
+    total = None
+    for mass in layer_masses:
+        if mass.shape[-1] == tokens:
+            total = total_mass(mass) if total is None else total + total_mass(mass)
+    return total
 
 
 def _mean_std(mass: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:

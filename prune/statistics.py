@@ -47,19 +47,13 @@ class SinkSettings:
     unstable_threshold: float = 0.05
 
 
-def _total_mass(store, step: int, tokens: int) -> Tensor:
-    """Mass summed over layers and heads, for the layers attending over the step's tokens."""
-    total = None
+def _layer_masses(store, step: int):
+    """Each recorded layer's mass at ``step``, skipping layers that did not run in it."""
     for layer in range(len(store.layers)):
         try:
-            mass = store.layer_mass(step, layer)  # (batch, heads, keys)
+            yield store.layer_mass(step, layer)  # (batch, heads, keys)
         except KeyError:
             continue
-        if mass.shape[-1] == tokens:
-            total = mass.sum(1) if total is None else total + mass.sum(1)
-    if total is None:
-        raise ValueError(f"step {step} of {store.path} has no layer whose keys are its {tokens} tokens")
-    return total
 
 
 def _sequence_ids(store, step: int, batch: int) -> list:
@@ -76,7 +70,11 @@ def step_weights(store, settings: SinkSettings) -> dict[int, Tensor]:
     scores: dict[int, Tensor] = {}
     for step in range(store.num_steps):
         valid = store.valid(step)
-        total = _total_mass(store, step, valid.shape[1])
+        total = sinks.step_mass(_layer_masses(store, step), valid.shape[1])
+        if total is None:
+            raise ValueError(
+                f"step {step} of {store.path} has no layer whose keys are its {valid.shape[1]} tokens"
+            )
         scores[step] = sinks.sink_scores(
             total, valid, sink_std=settings.sink_std, sink_alpha=settings.sink_alpha
         )
