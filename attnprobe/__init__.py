@@ -9,11 +9,27 @@ Example:
 
 from attnprobe import sinks
 from attnprobe.calibrate import calibrate
+from attnprobe.linear_stats import reduce_inputs
 from attnprobe.record import Recording, record
+from attnprobe.registry import ModelLayout, discover
 from attnprobe.sampler import generate
-from attnprobe.store import TrajectoryStore
+from attnprobe.store import StoreError, TrajectoryStore
 from attnprobe.store import open_store as open
 
 __version__ = "0.1.0"
 
-__all__ = ["Recording", "TrajectoryStore", "calibrate", "generate", "open", "record", "sinks", "__version__"]
+# The public API. `prune` builds only on these names (never on attnprobe's internal modules).
+__all__ = [
+    "ModelLayout",
+    "Recording",
+    "StoreError",
+    "TrajectoryStore",
+    "calibrate",
+    "discover",
+    "generate",
+    "open",
+    "record",
+    "reduce_inputs",
+    "sinks",
+    "__version__",
+]

@@ -55,7 +55,7 @@ def _select_linears(model: nn.Module, store, targets: str | None, ignore: str | 
     if store is not None:
         names = list(store.fingerprint.get("linears", {}))
     else:
-        from attnprobe.registry import discover
+        from attnprobe import discover
 
         names = list(discover(model).linears)
     if targets is not None:

@@ -16,8 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from attnprobe.linear_stats import reduce_inputs
-from attnprobe.registry import discover
+from attnprobe import discover, reduce_inputs
 from prune.statistics import SinkSettings, step_weights
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from attnprobe.registry import discover
+from attnprobe import discover
 
 logger = logging.getLogger(__name__)
 
