@@ -7,7 +7,7 @@ Example:
     >>> attnprobe.open("runs/gen").attention_mass(0).shape
 """
 
-from attnprobe import sinks
+from attnprobe import sinks, trajectory
 from attnprobe.calibrate import calibrate
 from attnprobe.linear_stats import reduce_inputs
 from attnprobe.record import Recording, record
@@ -31,5 +31,6 @@ __all__ = [
     "record",
     "reduce_inputs",
     "sinks",
+    "trajectory",
     "__version__",
 ]

@@ -85,12 +85,12 @@ def _jsonable(value: Any) -> Any:
 def _summary(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from attnprobe import sinks
+    from attnprobe import trajectory
 
     store = _open(args.store)
     try:
-        layers = sinks.layer_table(store)
-        totals = sinks.summary(store, sink_std=args.sink_std)
+        layers = trajectory.layer_table(store)
+        totals = trajectory.summary(store, sink_std=args.sink_std)
     except ValueError as err:
         raise _Failure(f"cannot compute metrics of {args.store}: {err}") from None
     skipped = totals.pop("skipped", [])

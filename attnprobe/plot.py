@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from attnprobe import sinks
+from attnprobe import sinks, trajectory
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,7 +40,7 @@ class _Column:
     sink_keys: list[int] = field(default_factory=list)  # ... and key position
     dominant_steps: list[int] = field(default_factory=list)
     dominant_keys: list[int] = field(default_factory=list)
-    layers: pd.DataFrame | None = None  # sinks.layer_table
+    layers: pd.DataFrame | None = None  # trajectory.layer_table
     notes: list[str] = field(default_factory=list)
 
 
@@ -80,7 +80,7 @@ def _gather(store: TrajectoryStore, label: str, batch: int, sink_std: float, pro
         for key in sinks.sink_sets(mass, valid, sink_std=sink_std)[0].nonzero().flatten().tolist():
             column.sink_steps.append(step)
             column.sink_keys.append(key)
-        index, _ = sinks.dominant_position(mass, valid)
+        index, _ = trajectory.dominant_position(mass, valid)
         if int(index[0]) >= 0:
             column.dominant_steps.append(step)
             column.dominant_keys.append(int(index[0]))
@@ -100,7 +100,7 @@ def _gather(store: TrajectoryStore, label: str, batch: int, sink_std: float, pro
     for step, row in enumerate(rows):
         if row is not None:
             column.share[step, : len(row)] = row
-    column.layers = sinks.layer_table(store)
+    column.layers = trajectory.layer_table(store)
     return column
 
 
@@ -121,7 +121,7 @@ def plot_sinks(
        sample ``batch``) as a share of that step's total, on a log colour scale shared by all
        columns; the step's sinks (``sinks.sink_sets``, ``mass > mean + sink_std * std``) are marked;
     2. the dominant key position (argmax of the mass) at each step;
-    3. per-layer temporal variance of the dominant position (``sinks.layer_table``, all samples);
+    3. per-layer temporal variance of the dominant position (``trajectory.layer_table``, all samples);
        0 means the layer's sink never moves, 0.25 is the most a position in [0, 1] can vary.
 
     Steps with fewer keys than the longest are padded (blank cells); steps without sample ``batch``

@@ -30,7 +30,7 @@ import pipeline  # noqa: E402
 
 import attnprobe  # noqa: E402
 import prune  # noqa: E402
-from attnprobe import sinks  # noqa: E402
+from attnprobe import trajectory  # noqa: E402
 
 
 def run(out: Path, *, quick: bool = False) -> dict:
@@ -74,7 +74,7 @@ def run(out: Path, *, quick: bool = False) -> dict:
                 "store": f"{kind}-{name}",
                 **{
                     k: v
-                    for k, v in sinks.summary(attnprobe.open(stores_dir / f"{kind}-{name}")).items()
+                    for k, v in trajectory.summary(attnprobe.open(stores_dir / f"{kind}-{name}")).items()
                     if k
                     in (
                         "n_steps",

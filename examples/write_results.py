@@ -26,7 +26,7 @@ import pipeline  # noqa: E402
 
 import attnprobe  # noqa: E402
 import prune  # noqa: E402
-from attnprobe import sinks  # noqa: E402
+from attnprobe import trajectory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 UNSTRUCTURED_SETTINGS = [(0.5, "unstructured"), (0.6, "unstructured"), (0.7, "unstructured"), (0.5, "2:4")]
@@ -50,7 +50,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _movement(store) -> dict[str, float]:
     """How the dominant sink moves: share of steps on the first token, mean jump between steps."""
-    table = sinks.step_table(store)
+    table = trajectory.step_table(store)
     on_first = float((table["dominant_index"] == 0).mean())
     jumps = []
     for _, group in table.groupby(["segment", "batch"]):
@@ -84,7 +84,7 @@ def sink_properties(pair: pipeline.Pair, work: Path, figures: Path, quick: bool)
         )
         for name in ("generation", "calibration"):
             store = attnprobe.open(work / f"{kind}-{name}")
-            summary = sinks.summary(store)
+            summary = trajectory.summary(store)
             move = _movement(store)
             rows.append(
                 [
