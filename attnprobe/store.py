@@ -18,14 +18,15 @@ Laziness: :func:`open_store` reads only ``manifest.json`` and lists ``steps/``; 
 tensors or its metadata is asked for. Step headers are kept in a small LRU cache.
 
 One writer per store at a time; any number of readers, also in other processes, while it writes.
+A process group writes one such store per rank under one directory (schema version 2, read as one
+store by :mod:`attnprobe.shards`); the names and versions of the format live in
+:mod:`attnprobe.store_format`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,83 +37,35 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from attnprobe.store_format import (
+    HESSIANS,
+    MANIFEST,
+    STEPS_DIR,
+    StoreError,
+    is_sharded,
+    read_manifest,
+    step_filename,
+    step_indices,
+)
+
 if TYPE_CHECKING:
     import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "attnprobe-trajectory-store"
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (1,)
-MANIFEST = "manifest.json"
-STEPS_DIR = "steps"
-HESSIANS = "hessians.safetensors"
 AGGREGATES = ("layer", "key")  # to_pandas(aggregate=...): sum over heads / over layers and heads
-LINEAR_STAT_FIELDS = ("sumsq", "wsumsq", "cand_rows")
-
-_STEP_FILE = re.compile(r"^(\d{6})\.safetensors$")
-_TEMP_FILE = re.compile(r"^\..+\.tmp$")  # what an interrupted atomic write leaves behind
 _HEADER_CACHE = 128
+__all__ = ["StoreError", "TrajectoryStore", "open_store", "step_filename"]
 
 
-class StoreError(ValueError):
-    """A path that is not a trajectory store, or a store whose files are missing, corrupt or unreadable."""
-
-
-# -- small helpers -------------------------------------------------------------------------------------
-
-
-def step_filename(index: int) -> str:
-    """Name of step ``index``'s file inside ``steps/``, e.g. ``000003.safetensors``."""
-    return f"{index:06d}.safetensors"
-
-
-def _step_indices(steps: Path) -> list[int]:
-    """Sorted indices of the step files in ``steps`` (temporary files and other names ignored)."""
-    try:
-        names = os.listdir(steps)
-    except FileNotFoundError:
-        return []
-    except OSError as err:
-        raise StoreError(f"cannot list {steps}: {err}; check its permissions.") from None
-    return sorted(int(m.group(1)) for m in map(_STEP_FILE.match, names) if m)
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    """Read and check ``path/manifest.json``, raising :class:`StoreError` that says what is wrong."""
-    hint = f"record one with attnprobe.record(model, {str(path)!r})"
-    if not path.exists():
-        raise StoreError(f"no attnprobe store at {path}: the path does not exist; {hint}.")
-    if not path.is_dir():
-        raise StoreError(f"{path} is not an attnprobe store: it is a file, not a directory; {hint}.")
-    file = path / MANIFEST
-    if not file.is_file():
-        raise StoreError(f"{path} is not an attnprobe store (no {MANIFEST}); {hint}.")
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise StoreError(f"cannot read {file}: {err}; check its permissions.") from None
-    except json.JSONDecodeError as err:
+def _read_single_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a one-writer store; a sharded store's is refused with the way to open it."""
+    manifest = read_manifest(path)
+    if is_sharded(manifest):
         raise StoreError(
-            f"{file} is not valid JSON ({err}); the store's manifest is corrupt: restore it from a "
-            "backup or record the store again."
-        ) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise StoreError(
-            f"{file} is not an attnprobe manifest (format {found!r}, expected {FORMAT!r}); {path} is "
-            f"not an attnprobe store; {hint}."
+            f"{path} is a sharded store written by a process group ({len(manifest['shards'])} shards); "
+            "open it with attnprobe.open(path), which reads the shards as one store."
         )
-    version = manifest.get("schema_version")
-    if version not in SUPPORTED_SCHEMA_VERSIONS:
-        raise StoreError(
-            f"{file} has schema_version {version!r}; this attnprobe reads schema version(s) "
-            f"{', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}: upgrade attnprobe to read this store."
-        )
-    for key in ("fingerprint", "options"):
-        if not isinstance(manifest.get(key, {}), dict):
-            raise StoreError(f"{file}: {key!r} must be a JSON object; the manifest is corrupt.")
-        manifest.setdefault(key, {})
     return manifest
 
 
@@ -138,7 +91,7 @@ class TrajectoryStore:
     def __init__(self, path: str | Path, *, _tempdir: tempfile.TemporaryDirectory | None = None) -> None:
         self._path = Path(path)
         self._tempdir = _tempdir
-        self._manifest = _read_manifest(self._path)
+        self._manifest = _read_single_manifest(self._path)
         self._manifest_stamp = self._stamp()
         self._count = 0
         self._headers: OrderedDict[int, tuple[tuple[str, ...], dict[str, Any], dict[str, list[str]]]] = (
@@ -157,7 +110,7 @@ class TrajectoryStore:
         return st.st_ino, st.st_mtime_ns, st.st_size
 
     def _reload(self) -> None:
-        self._manifest = _read_manifest(self._path)
+        self._manifest = _read_single_manifest(self._path)
         self._manifest_stamp = self._stamp()
 
     def _current_manifest(self) -> dict[str, Any]:
@@ -196,7 +149,7 @@ class TrajectoryStore:
     def _refresh(self) -> int:
         """List ``steps/`` and return the number of steps, checking they are numbered 0, 1, ..."""
         steps = self._path / STEPS_DIR
-        indices = _step_indices(steps)
+        indices = step_indices(steps)
         if indices and indices[-1] != len(indices) - 1:
             missing = next(i for i, index in enumerate(indices) if i != index)
             raise StoreError(
@@ -510,7 +463,9 @@ class TrajectoryStore:
 def open_store(path: str | Path) -> TrajectoryStore:
     """Open a trajectory store for reading (exported as ``attnprobe.open``).
 
-    Reads ``manifest.json`` and lists ``steps/``; step files are read only when asked for.
+    Reads ``manifest.json`` and lists ``steps/``; step files are read only when asked for. A store
+    written by a process group (one shard per rank) opens as one
+    :class:`~attnprobe.shards.ShardedStore`, a ``TrajectoryStore`` over all its shards.
 
     Args:
         path: the store directory.
@@ -527,4 +482,9 @@ def open_store(path: str | Path) -> TrajectoryStore:
         >>> store.step_meta(0)["mask_ratio"]                             # doctest: +SKIP
         1.0
     """
+    path = Path(path)
+    if is_sharded(read_manifest(path)):
+        from attnprobe.shards import ShardedStore  # the sharded reader builds on this module
+
+        return ShardedStore(path)
     return TrajectoryStore(path)

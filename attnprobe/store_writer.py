@@ -19,19 +19,19 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import Tensor
 
-from attnprobe.store import (
-    _STEP_FILE,
-    _TEMP_FILE,
+from attnprobe.store import TrajectoryStore
+from attnprobe.store_format import (
     FORMAT,
     HESSIANS,
     MANIFEST,
     SCHEMA_VERSION,
+    STEP_FILE,
     STEPS_DIR,
+    TEMP_FILE,
     StoreError,
-    TrajectoryStore,
-    _read_manifest,
-    _step_indices,
+    read_manifest,
     step_filename,
+    step_indices,
 )
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def _remove_temp_files(path: Path) -> None:
     for directory in (path, path / STEPS_DIR):
         if directory.is_dir():
             for entry in directory.iterdir():
-                if _TEMP_FILE.match(entry.name) and entry.is_file():
+                if TEMP_FILE.match(entry.name) and entry.is_file():
                     logger.info("attnprobe: removing %s left by an interrupted write", entry)
                     entry.unlink(missing_ok=True)
 
@@ -217,7 +217,7 @@ class StoreWriter:
                     "directory."
                 )
             try:
-                _read_manifest(root)
+                read_manifest(root)
             except StoreError as err:
                 raise StoreError(
                     f"{err} (overwrite=True deletes only an attnprobe store with a readable manifest: delete "
@@ -226,7 +226,7 @@ class StoreWriter:
             if append:
                 return cls._append(TrajectoryStore(root), fingerprint, options)
             if not overwrite:
-                count = len(_step_indices(root / STEPS_DIR))
+                count = len(step_indices(root / STEPS_DIR))
                 raise ValueError(
                     f"{root} already holds an attnprobe store ({count} steps); pass overwrite=True to "
                     "replace it, append=True to add steps to it, or choose another path."
@@ -284,7 +284,7 @@ class StoreWriter:
         steps = root / STEPS_DIR
         if steps.is_dir():
             for entry in sorted(steps.iterdir(), reverse=True):  # last step first: no gaps meanwhile
-                if _STEP_FILE.match(entry.name):
+                if STEP_FILE.match(entry.name):
                     entry.unlink()
             if not any(steps.iterdir()):
                 steps.rmdir()
@@ -316,7 +316,7 @@ class StoreWriter:
             >>> writer.update_fingerprint(layers=["model.layers.0.self_attn"])  # doctest: +SKIP
         """
         self._check_open()
-        manifest = _read_manifest(self.path)
+        manifest = read_manifest(self.path)
         manifest["fingerprint"].update(_normalise(fields, "fingerprint fields"))
         self._write_manifest(self.path, manifest)
         self._store._reload()

@@ -15,6 +15,7 @@ import torch
 
 import attnprobe
 from attnprobe import store as store_mod
+from attnprobe import store_writer as store_writer_mod
 from attnprobe.store import StoreError, TrajectoryStore, open_store
 from attnprobe.store_writer import StoreWriter
 
@@ -271,7 +272,7 @@ def test_failed_write_leaves_no_step(tmp_path, monkeypatch):
     def interrupted(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(store_mod.os, "replace", interrupted)
+    monkeypatch.setattr(store_writer_mod.os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         writer.write_step(_step_tensors(1), {}, {})
     monkeypatch.undo()
