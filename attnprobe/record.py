@@ -17,14 +17,20 @@ How it hooks in, without editing modeling code:
   fit.
 
 Every handle, the mode and the registration are owned by the :class:`Recording` and removed in
-``__exit__`` in reverse order, whatever ends the block. The attention mass of a step reaches disk
-when the step ends; Hessians (``hessians=True``) are written when the recording closes.
+``__exit__`` in reverse order, whatever ends the block, and the store's writer is closed. The attention
+mass and linear statistics of a step reach disk when the step ends; Hessians (``hessians=True``) are
+summed in memory and written when the recording closes, also when the block raised: they then cover
+exactly the steps on disk (a step's share is added only once its file is written).
+
+Recording follows the thread that entered the block (torch-function modes are per thread): a forward
+of the recorded model in another thread is refused with a message saying so.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -38,9 +44,11 @@ from torch import Tensor, nn
 
 from attnprobe import sinks
 from attnprobe.capture import SdpaCall, SdpaObserver
+from attnprobe.fingerprint import fingerprint
 from attnprobe.linear_stats import reduce_inputs
 from attnprobe.mass import attention_mass
 from attnprobe.registry import Targets, discover
+from attnprobe.store import TrajectoryStore
 from attnprobe.store_writer import StoreWriter
 
 logger = logging.getLogger(__name__)
@@ -119,11 +127,17 @@ def _token_grid(args: tuple, kwargs: dict) -> tuple[Tensor | None, Tensor | None
     return ids, valid, batch, tokens
 
 
-class Recording:
-    """A recording in progress (and, after it closes, the store it wrote).
+# What `store.<name>` may mean on a Recording: the reading API of the store it writes.
+_READING_API = frozenset(name for name in dir(TrajectoryStore) if not name.startswith("_"))
 
-    Reading attributes of the store (``num_steps``, ``layers``, ``attention_mass(step)``, ...) work on
-    the recording object too, during and after the ``with`` block. Create it with :func:`record`.
+
+class Recording:
+    """A recording in progress and, after it closes, the store it wrote.
+
+    The reading API of :class:`~attnprobe.TrajectoryStore` (``num_steps``, ``layers``,
+    ``attention_mass(step)``, ``hessians()``, ...) works on the recording object too, during and after
+    the ``with`` block; after it, the object reads like ``attnprobe.open(store.path)``. Create it with
+    :func:`record`.
     """
 
     def __init__(
@@ -133,7 +147,7 @@ class Recording:
         *,
         mask_token_id: int | None = None,
         targets: Targets = None,
-        linear_stats: bool = False,
+        linear_stats: bool = True,
         hessians: bool = False,
         two_pass: bool = False,
         sink_std: float = 2.0,
@@ -185,24 +199,52 @@ class Recording:
         self._heads: dict[str, list[int]] = {}
         self._hessians: dict[str, dict[str, Tensor]] = {}
         self._warned: set[str] = set()
+        self._state = "new"  # new -> open -> closed
+        self._thread: int | None = None
         self.peak_buffer_bytes = 0
 
     # -- reading: the recording is also a view of its store --------------------------------------
 
     @property
     def store(self):
-        """The :class:`~attnprobe.store.TrajectoryStore` being written."""
+        """The :class:`~attnprobe.TrajectoryStore` being written (after the block: the store it wrote)."""
         if self._writer is None:
-            raise RuntimeError(
-                "the recording has not started; use it as `with attnprobe.record(model) as store:`"
-            )
+            raise RuntimeError(self._not_started("store"))
         return self._writer.store
+
+    @property
+    def closed(self) -> bool:
+        """True once the ``with`` block has ended (Hessians, if any, are on disk)."""
+        return self._state == "closed"
+
+    def _not_started(self, what: str) -> str:
+        return (
+            f"{what} was used on a Recording that has not started: record() returns a context manager. "
+            "Use it as `with attnprobe.record(model) as store: ...`, then read `store` in or after the block."
+        )
 
     def __getattr__(self, name: str):
         # Only called for attributes Recording lacks: forward the store's reading API.
-        if name.startswith("_") or self.__dict__.get("_writer") is None:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self.__dict__.get("_writer") is None:
+            if name in _READING_API:
+                raise RuntimeError(self._not_started(f"store.{name}"))
             raise AttributeError(name)
         return getattr(self._writer.store, name)
+
+    def __len__(self) -> int:
+        return self.store.num_steps
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self)))
+
+    def __repr__(self) -> str:
+        if self._writer is None:
+            name = type(self.model).__name__
+            return f"Recording({name}, not started: use `with attnprobe.record(model) as store:`)"
+        state = "recording" if self._state == "open" else "closed"
+        return f"{self.store!r} [{state}]"
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -220,17 +262,19 @@ class Recording:
         }
 
     def _fingerprint(self) -> dict[str, Any]:
-        modules = dict(self.model.named_modules())
         return {
-            "model_class": type(self.model).__name__,
             "layers": list(self._layers),
             "heads": dict(self._heads),
-            "linears": {
-                name: [modules[name].out_features, modules[name].in_features] for name in self.layout.linears
-            },
+            **fingerprint(self.model, list(self.layout.linears)),
         }
 
     def __enter__(self) -> Recording:
+        if self._state != "new":
+            raise RuntimeError(
+                f"this Recording was already {'entered' if self._state == 'open' else 'used and closed'}; "
+                "a record() object records one with-block. Call attnprobe.record(model, path, append=True) "
+                "to add steps to its store."
+            )
         self._writer = StoreWriter.create(
             self._path,
             fingerprint=self._fingerprint(),
@@ -243,20 +287,34 @@ class Recording:
             self._heads = dict(self.store.fingerprint.get("heads", {}))
             # Hessians are sums over every step: an appended session adds to the earlier ones.
             self._hessians = self.store.hessians() or {}
+        self._thread = threading.get_ident()
         try:
             self._attach()
         except BaseException:
             self._detach()
+            self._writer.close()
+            self._state = "closed"
             raise
+        self._state = "open"
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._detach()
-        self._step = self._forward = None
-        if self._hessians:
-            self._writer.write_hessians(
-                {f"{g}/{k}": v for g, stats in self._hessians.items() for k, v in stats.items()}
+        if self._state != "open":
+            raise RuntimeError(
+                "this Recording is not open (it was never entered, or it already closed); use it as "
+                "`with attnprobe.record(model) as store:`."
             )
+        try:
+            self._detach()
+            self._step = self._forward = None
+            if self._hessians:
+                # Each step's share was added after its file was written: these cover the steps on disk.
+                self._writer.write_hessians(
+                    {f"{g}/{k}": v for g, stats in self._hessians.items() for k, v in stats.items()}
+                )
+        finally:
+            self._writer.close()
+            self._state = "closed"
 
     def _attach(self) -> None:
         modules = dict(self.model.named_modules())
@@ -265,7 +323,7 @@ class Recording:
         add(self.model.register_forward_hook(self._on_model_end, with_kwargs=True, always_call=True))
         for name in self.layout.attention:
             module = modules[name]
-            add(module.register_forward_pre_hook(lambda m, a, n=name: self._attention_stack.append(n)))
+            add(module.register_forward_pre_hook(lambda m, a, n=name: self._enter_attention(n)))
             add(
                 module.register_forward_hook(
                     lambda m, a, o, n=name: self._leave_attention(n), always_call=True
@@ -275,13 +333,13 @@ class Recording:
             for name in self.layout.linears:
                 add(modules[name].register_forward_pre_hook(lambda m, a, n=name: self._on_linear(n, a)))
         self._mode = SdpaObserver(self._on_sdpa)
-        self._mode.__enter__()
+        self._mode.open()
         _ACTIVE[self.model] = self
 
     def _detach(self) -> None:
         _ACTIVE.pop(self.model, None)
         if self._mode is not None:
-            self._mode.__exit__(None, None, None)
+            self._mode.close()  # safe when recordings close out of order (attnprobe.capture)
             self._mode = None
         while self._handles:
             self._handles.pop().remove()
@@ -301,6 +359,11 @@ class Recording:
             ...     with rec.step(t=0.5):
             ...         cond, uncond = model(ids), model(ids_unconditional)
         """
+        if self._state != "open":
+            raise RuntimeError(self._not_started("store.step()") if self._state == "new" else (
+                "store.step() was used after the record() block closed; open a new one with "
+                "attnprobe.record(model, path, append=True)."
+            ))
         if self._step is not None:
             raise RuntimeError("steps do not nest: a step is already open on this recording")
         self._step = _Step(meta={**self._pending_meta, **meta})
@@ -319,12 +382,27 @@ class Recording:
 
     def annotate(self, **meta: Any) -> None:
         """Attach metadata to the open step, or to the next one when none is open."""
+        if self._state != "open":
+            raise RuntimeError(self._not_started("store.annotate()") if self._state == "new" else (
+                "store.annotate() was used after the record() block closed; the store is read-only now."
+            ))
         if self._step is not None:
             self._step.meta.update(meta)
         else:
             self._pending_meta.update(meta)
 
+    def _other_thread(self) -> bool:
+        return threading.get_ident() != self._thread
+
     def _on_model_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._other_thread():
+            raise RuntimeError(
+                f"a forward of the recorded {type(self.model).__name__} ran in thread "
+                f"{threading.current_thread().name!r}, but attnprobe.record() was entered in another "
+                "thread; attnprobe sees attention calls only in the thread that entered record() (torch "
+                "function modes are per thread). Run the forwards in that thread, or enter record() "
+                "inside the worker thread."
+            )
         if self._replay is not None:
             return
         if self._forward is not None:
@@ -342,7 +420,7 @@ class Recording:
         self._forward = _Forward(batch=batch, tokens=tokens, input_ids=ids, valid=valid, replay=replay)
 
     def _on_model_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self._replay is not None:
+        if self._replay is not None or self._other_thread():
             return
         forward, self._forward = self._forward, None
         if forward is None or self._step is None:
@@ -362,7 +440,13 @@ class Recording:
 
     # -- hooks ---------------------------------------------------------------------------------------
 
+    def _enter_attention(self, name: str) -> None:
+        if not self._other_thread():
+            self._attention_stack.append(name)
+
     def _leave_attention(self, name: str) -> None:
+        if self._other_thread():
+            return
         if self._attention_stack and self._attention_stack[-1] == name:
             self._attention_stack.pop()
         if self._forward is not None:
@@ -406,7 +490,7 @@ class Recording:
             self._heads[layer] = [q_heads, call.key.shape[1], head_dim]
 
     def _on_linear(self, name: str, args: tuple) -> None:
-        if self.two_pass and self._replay is None:
+        if self._other_thread() or self.two_pass and self._replay is None:
             return  # two-pass: inputs are reduced when the step is replayed
         forward = self._replay.forward if self._replay is not None else self._forward
         if forward is None or not args or not isinstance(args[0], Tensor):
@@ -480,9 +564,11 @@ class Recording:
             tensors["input_ids"] = torch.cat(ids)
         meta = {**step.meta, "num_forwards": len(forwards), "mask_ratio": self._mask_ratio(tensors, valid)}
         groups: dict[str, list[str]] = {}
+        hessians: dict[str, dict[str, Tensor]] = {}
         if self._want_stats:
-            groups = self._step_statistics(forwards, layers, valid, tensors)
+            groups, hessians = self._step_statistics(forwards, layers, valid, tensors)
         index = self._writer.write_step(tensors, meta, groups)
+        self._add_hessians(hessians)  # only now: the Hessians never count a step that is not on disk
         if (
             self.store.fingerprint.get("layers") != self._layers
             or self.store.fingerprint.get("heads") != self._heads
@@ -503,9 +589,15 @@ class Recording:
         masked = ((ids == self.mask_token_id) & valid).sum()
         return float(masked / valid.sum().clamp(min=1))
 
+    def _add_hessians(self, step_hessians: dict[str, dict[str, Tensor]]) -> None:
+        for group, parts in step_hessians.items():
+            acc = self._hessians.setdefault(group, {})
+            for key, value in parts.items():
+                acc[key] = acc[key] + value if key in acc else value
+
     def _step_statistics(
         self, forwards: list[_Forward], layers: list[str], valid: Tensor, tensors: dict[str, Tensor]
-    ) -> dict[str, list[str]]:
+    ) -> tuple[dict[str, list[str]], dict[str, dict[str, Tensor]]]:
         # Sink weights use the mass of every layer whose keys are the step's tokens.
         tokens = valid.shape[1]
         per_layer = [tensors[f"mass/{self._layers.index(layer)}"] for layer in layers]
@@ -531,17 +623,15 @@ class Recording:
                 per_group.setdefault(group, []).append(stats)
             for group, members in forward.groups.items():
                 groups.setdefault(group, members)
+        hessians: dict[str, dict[str, Tensor]] = {}
         for group, parts in per_group.items():
             for key in ("sumsq", "wsumsq", "cand_rows"):
                 tensors[f"stats/{group}/{key}"] = torch.cat([p[key] for p in parts])
             if self._want_hessians:
-                acc = self._hessians.setdefault(group, {})
-                for key in ("plain", "weighted"):
-                    total_h = sum(p[key] for p in parts)
-                    acc[key] = acc[key] + total_h if key in acc else total_h
+                hessians[group] = {key: sum(p[key] for p in parts) for key in ("plain", "weighted")}
                 seen = sum(p["sumsq"].shape[0] for p in parts)
-                acc["nsamples"] = acc.get("nsamples", torch.zeros((), dtype=torch.int64)) + seen
-        return groups
+                hessians[group]["nsamples"] = torch.tensor(seen, dtype=torch.int64)
+        return groups, hessians
 
     def _forward_statistics(
         self, forward: _Forward, weights: Tensor, candidates: Tensor
@@ -567,9 +657,10 @@ class Recording:
 
 
 def record(model: nn.Module, path: str | Path | None = None, **options: Any) -> Recording:
-    """Record attention mass (and optionally layer-input statistics) of ``model`` at every step.
+    """Record attention mass and layer-input statistics of ``model`` at every step.
 
-    Use as a context manager; the object it yields reads the store as it grows.
+    Use as a context manager; the object it yields is the store (it reads the store as it grows and,
+    after the block, like ``attnprobe.open(path)``).
 
     Args:
         model: any ``torch.nn.Module`` whose attention calls ``scaled_dot_product_attention``.
@@ -578,8 +669,10 @@ def record(model: nn.Module, path: str | Path | None = None, **options: Any) -> 
         mask_token_id: the mask token, for each step's mask ratio (default: ``model.config.mask_token_id``).
         targets: which modules are attention: a regex over module names (full match) or a predicate
             ``(name, module) -> bool``; default: structural discovery (see :mod:`attnprobe.registry`).
-        linear_stats: record per-input-feature statistics of every block ``nn.Linear`` (Wanda; off for
-            a generation trajectory, which needs only attention).
+        linear_stats: record per-input-feature statistics of every block ``nn.Linear`` (what
+            ``prune.apply`` needs; default on). Pass ``False`` for a generation trajectory recorded for
+            plots: it then streams attention mass only, faster and with no input buffer
+            (docs/BENCHMARKS.md gives both costs).
         hessians: also accumulate ``XᵀX`` per input group, plain and sink-weighted (SparseGPT). Implies
             ``linear_stats``.
         two_pass: replay each step's forwards to reduce linear inputs instead of holding them; use when

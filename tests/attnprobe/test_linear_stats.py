@@ -92,8 +92,11 @@ def test_one_pass_and_two_pass_agree(tmp_path):
     assert stores[False].peak_buffer_bytes > 0
 
 
-def test_statistics_off_by_default(tmp_path):
+def test_statistics_on_by_default_and_opt_out(tmp_path):
     model = models.llama_bidirectional()
-    with attnprobe.record(model, tmp_path / "s") as store:
+    with attnprobe.record(model, tmp_path / "on") as store:
         model(input_ids=torch.randint(0, 60, (1, 6)))
-    assert store.linear_stats(0) == {}
+    assert store.options["linear_stats"] and len(store.linear_stats(0)) == 4 * model.config.num_hidden_layers
+    with attnprobe.record(model, tmp_path / "off", linear_stats=False) as store:
+        model(input_ids=torch.randint(0, 60, (1, 6)))
+    assert store.linear_stats(0) == {} and not store.options["linear_stats"]

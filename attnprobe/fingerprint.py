@@ -1,0 +1,138 @@
+"""What a store (or a mask file) was recorded from, and whether a model is that model.
+
+A fingerprint holds the model class, each block linear's shape and a *weight sample*: a few strided
+entries of each linear's weight, taken when the recording starts. Shapes tell architectures apart;
+the sample tells checkpoints of one architecture apart (a store recorded from the base model is
+refused for a fine-tuned sibling unless the caller says ``allow_other_weights=True``).
+
+The sample is compared after casting both sides to the coarser of the two dtypes, so a checkpoint
+loaded in bfloat16 matches the same checkpoint recorded in float32 (casting rounds to nearest), while
+a weight changed by more than the coarser dtype's precision does not match.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+WEIGHT_SAMPLES = 16  # entries sampled per linear: enough to catch any real fine-tune, cheap to store
+
+
+def sample_positions(shape: tuple[int, int], count: int = WEIGHT_SAMPLES) -> tuple[Tensor, Tensor]:
+    """Rows and columns of the sampled entries of a ``(out, in)`` weight: midpoints of ``count`` strides.
+
+    Example:
+        >>> rows, cols = sample_positions((4, 4), 4)
+        >>> list(zip(rows.tolist(), cols.tolist()))
+        [(0, 2), (1, 2), (2, 2), (3, 2)]
+    """
+    numel = shape[0] * shape[1]
+    count = min(count, numel)
+    flat = ((2 * torch.arange(count, dtype=torch.int64) + 1) * numel) // (2 * count)
+    return flat // shape[1], flat % shape[1]
+
+
+def weight_sample(weight: Tensor) -> dict[str, Any] | None:
+    """The sampled entries of a 2-D weight as ``{"dtype": str, "values": [float]}``; None if unreadable.
+
+    A weight on the ``meta`` device (offloaded, not materialised) has no values to sample.
+
+    Example:
+        >>> weight_sample(torch.arange(8.0).view(2, 4))["values"][:3]
+        [0.0, 1.0, 2.0]
+    """
+    if weight.dim() != 2 or weight.device.type == "meta" or weight.numel() == 0:
+        return None
+    rows, cols = sample_positions(tuple(weight.shape))
+    values = weight.detach()[rows.to(weight.device), cols.to(weight.device)]
+    return {"dtype": str(weight.dtype).removeprefix("torch."), "values": values.float().cpu().tolist()}
+
+
+def fingerprint(model: nn.Module, linears: list[str]) -> dict[str, Any]:
+    """Class, linear shapes and weight samples of ``model``'s named linears.
+
+    Example:
+        >>> sorted(fingerprint(nn.Sequential(nn.Linear(4, 2)), ["0"]))
+        ['linears', 'model_class', 'weight_sample']
+    """
+    modules = dict(model.named_modules())
+    samples = {}
+    for name in linears:
+        sample = weight_sample(modules[name].weight)
+        if sample is not None:
+            samples[name] = sample
+    return {
+        "model_class": type(model).__name__,
+        "linears": {name: [modules[name].out_features, modules[name].in_features] for name in linears},
+        "weight_sample": samples,
+    }
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def _same_weights(stored: dict[str, Any], weight: Tensor, keep: Tensor | None) -> bool:
+    """Whether ``weight``'s sample matches ``stored`` (at the sampled entries ``keep`` marks, if given)."""
+    mine = weight_sample(weight)
+    if mine is None or len(mine["values"]) != len(stored.get("values", [])):
+        return mine is None  # nothing to compare on a meta weight; a different count is a different shape
+    coarse = max(_dtype(stored.get("dtype", "float32")), weight.dtype, key=lambda d: torch.finfo(d).eps)
+    a = torch.tensor(stored["values"], dtype=torch.float32).to(coarse).float()
+    b = torch.tensor(mine["values"], dtype=torch.float32).to(coarse).float()
+    # One unit of the coarse dtype's precision absorbs double rounding (float16 vs bfloat16).
+    close = torch.isclose(a, b, rtol=torch.finfo(coarse).eps, atol=torch.finfo(coarse).tiny)
+    return bool(close[keep].all() if keep is not None else close.all())
+
+
+def fingerprint_problems(
+    stored: dict[str, Any],
+    model: nn.Module,
+    *,
+    check_weights: bool = True,
+    keep: dict[str, Tensor] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Compare a stored fingerprint with ``model``.
+
+    Args:
+        stored: a fingerprint as :func:`fingerprint` made it (older stores lack ``weight_sample``).
+        model: the model to check.
+        check_weights: compare weight samples too.
+        keep: per linear, a bool ``(WEIGHT_SAMPLES,)`` choosing which sampled entries to compare
+            (masks: pruned entries are zero in a pruned model's sample); linears absent compare all.
+
+    Returns:
+        ``(architecture problems, linears whose weights differ)``; both empty when ``model`` matches.
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(4, 2))
+        >>> fingerprint_problems(fingerprint(m, ["0"]), m)
+        ([], [])
+    """
+    problems = []
+    if stored.get("model_class") not in (None, type(model).__name__):
+        problems.append(f"model class {stored.get('model_class')} recorded, {type(model).__name__} given")
+    modules = dict(model.named_modules())
+    for name, shape in (stored.get("linears") or {}).items():
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            problems.append(f"{name} missing")
+        elif [module.out_features, module.in_features] != list(shape):
+            problems.append(f"{name} shape {list(shape)} vs {[module.out_features, module.in_features]}")
+    differ = []
+    if check_weights and not problems:
+        for name, sample in (stored.get("weight_sample") or {}).items():
+            module = modules.get(name)
+            mask = (keep or {}).get(name)
+            if isinstance(module, nn.Linear) and not _same_weights(sample, module.weight, mask):
+                differ.append(name)
+    return problems, differ
+
+
+def shown(items: list[str], limit: int = 5) -> str:
+    """``a; b; c; and N more``: a list cut to ``limit`` entries for an error message."""
+    more = f"; and {len(items) - limit} more" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
