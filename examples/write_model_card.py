@@ -202,7 +202,8 @@ def render(results: dict, stats: dict) -> str:
         f"{src['python-docs']['bytes']:,} bytes, Jargon File {src['jargon']['bytes']:,} bytes. Split by "
         f"hashed contiguous {stats['chunk_bytes'] // 1024} KiB chunks ({stats['valid_fraction']:.0%} held "
         "out). Tokenizer: UTF-8 bytes 0-255, specials pad 256, BOS 257, EOS 258, mask 259, vocabulary "
-        f"{cfg['vocab_size']} (`tokenizer.json`, loaded with `examples.tiny_tokenizer.ByteTokenizer.load`).",
+        f"{cfg['vocab_size']} (Hugging Face `tokenizer.json` + `tokenizer_config.json`: "
+        "`AutoTokenizer.from_pretrained(model_dir)`).",
         "Every sequence is BOS followed by 127 bytes.",
         "",
         "## Models and training",
