@@ -42,9 +42,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnprobe import experts as moe
 from attnprobe import sinks
 from attnprobe.capture import SdpaCall, SdpaObserver
-from attnprobe.fingerprint import fingerprint
+from attnprobe.fingerprint import model_fingerprint
 from attnprobe.linear_stats import reduce_inputs
 from attnprobe.mass import attention_mass
 from attnprobe.registry import Targets, discover
@@ -84,6 +85,7 @@ class _Forward:
     inputs: dict[str, Tensor] = field(default_factory=dict)  # group -> held input (one-pass)
     seen: dict[int, tuple[str, weakref.ref]] = field(default_factory=dict)  # id(input) -> group
     groups: dict[str, list[str]] = field(default_factory=dict)  # group -> linear names
+    routed: dict[str, tuple] = field(default_factory=dict)  # experts -> (ExpertSet, hidden, index)
     attention_calls: int = 0
     sdpa_calls: int = 0
 
@@ -171,6 +173,9 @@ class Recording:
             )
         self.model = model
         self.layout = discover(model, targets)
+        # Routed experts get per-expert statistics from their routing (attnprobe.experts), not linear hooks.
+        self._experts = moe.discover_experts(model, sorted(set(self.layout.blocks.values())))
+        self._expert_linears = {n for es in self._experts if not es.spec.fused for n in es.weight_names()}
         config = getattr(model, "config", None)
         self.mask_token_id = (
             mask_token_id if mask_token_id is not None else getattr(config, "mask_token_id", None)
@@ -265,7 +270,8 @@ class Recording:
         return {
             "layers": list(self._layers),
             "heads": dict(self._heads),
-            **fingerprint(self.model, list(self.layout.linears)),
+            **model_fingerprint(self.model, list(self.layout.linears)),
+            **({"experts": moe.fingerprint(self._experts)} if self._experts else {}),
         }
 
     def __enter__(self) -> Recording:
@@ -282,11 +288,12 @@ class Recording:
             overwrite=self._overwrite,
             append=self._append,
         )
-        if self._append and self.store.num_steps:
-            self._layers = list(self.store.fingerprint.get("layers", []))
-            self._heads = dict(self.store.fingerprint.get("heads", {}))
+        own = self._writer.shard  # the whole store, or in a process group this rank's new shard
+        if self._append and own.num_steps:
+            self._layers = list(own.fingerprint.get("layers", []))
+            self._heads = dict(own.fingerprint.get("heads", {}))
             # Hessians are sums over every step: an appended session adds to the earlier ones.
-            self._hessians = self.store.hessians() or {}
+            self._hessians = own.hessians() or {}
         self._thread = threading.get_ident()
         try:
             self._attach()
@@ -331,7 +338,10 @@ class Recording:
             )
         if self._want_stats:
             for name in self.layout.linears:
-                add(modules[name].register_forward_pre_hook(lambda m, a, n=name: self._on_linear(n, a)))
+                if name not in self._expert_linears:
+                    add(modules[name].register_forward_pre_hook(lambda m, a, n=name: self._on_linear(n, a)))
+            for handle in moe.attach(self.model, self._experts, self._on_routing, self._routing_unread):
+                add(handle)
         self._mode = SdpaObserver(self._on_sdpa)
         self._mode.open()
         _ACTIVE[self.model] = self
@@ -531,6 +541,52 @@ class Recording:
         held = sum(t.numel() * t.element_size() for f in [*earlier, forward] for t in f.inputs.values())
         self.peak_buffer_bytes = max(self.peak_buffer_bytes, held)
 
+    def _on_routing(self, es: moe.ExpertSet, hidden: Tensor, index: Tensor) -> None:
+        if self._other_thread() or self.two_pass and self._replay is None:
+            return
+        forward = self._replay.forward if self._replay is not None else self._forward
+        if forward is None:
+            return
+        if None in (forward.batch, forward.tokens) or hidden.shape[0] != forward.batch * forward.tokens:
+            self._warn_once(
+                f"routing:{es.name}",
+                f"{es.name} got {hidden.shape[0]} rows, not batch · tokens = {forward.batch} · "
+                f"{forward.tokens}; its per-expert statistics are not recorded.",
+            )
+            return
+        if es.name in forward.routed:
+            message = f"{es.name} ran twice in one forward; only its first call counts."
+            self._warn_once(f"twice:{es.name}", message)
+            return
+        forward.routed[es.name] = (es, hidden, index)
+        for expert in range(es.num_experts):
+            forward.groups.update(es.groups(expert))
+        if self._replay is not None:
+            replay = self._replay
+            replay.results.update(self._reduce_routed(forward, replay.weights, replay.candidates))
+
+    def _routing_unread(self, es: moe.ExpertSet) -> None:
+        self._warn_once(
+            f"routing:{es.name}",
+            f"could not read the hidden states and routing index of {es.name} ({es.adapter} experts, hooked "
+            f"at {es.capture}); its per-expert statistics are not recorded.",
+        )
+
+    def _reduce_routed(self, forward: _Forward, weights: Tensor, candidates: Tensor) -> dict[str, dict]:
+        """Per-expert statistics of the MoE layers this forward ran, releasing their held inputs."""
+        modules = dict(self.model.named_modules())
+        out: dict[str, dict] = {}
+        for es, hidden, index in forward.routed.values():
+            grid = (forward.batch, forward.tokens)
+            valid = forward.valid if forward.valid is not None else hidden.new_ones(grid, dtype=torch.bool)
+            out.update(
+                moe.reduce_experts(
+                    modules, es, hidden, index, valid, weights, candidates, hessians=self._want_hessians
+                )
+            )
+        forward.routed.clear()
+        return out
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -570,8 +626,8 @@ class Recording:
         index = self._writer.write_step(tensors, meta, groups)
         self._add_hessians(hessians)  # only now: the Hessians never count a step that is not on disk
         if (
-            self.store.fingerprint.get("layers") != self._layers
-            or self.store.fingerprint.get("heads") != self._heads
+            self._writer.shard.fingerprint.get("layers") != self._layers
+            or self._writer.shard.fingerprint.get("heads") != self._heads
         ):
             self._writer.update_fingerprint(layers=list(self._layers), heads=dict(self._heads))
         logger.debug("attnprobe: wrote step %d (%d layers)", index, len(layers))
@@ -613,19 +669,23 @@ class Recording:
         tensors["cand_index"] = cand_index
         per_group: dict[str, list[dict[str, Tensor]]] = {}
         groups: dict[str, list[str]] = {}
-        offset = 0
+        offset = cand_offset = 0
         for forward in forwards:
             rows = slice(offset, offset + (forward.batch or valid.shape[0]))
             offset = rows.stop
             mine = cand_index[(cand_index[:, 0] >= rows.start) & (cand_index[:, 0] < rows.stop)]
             mine = mine - torch.tensor([rows.start, 0], device=mine.device)
             for group, stats in self._forward_statistics(forward, weights[rows], mine).items():
+                if "cand_sel" in stats:  # per-expert rows index the forward's candidates: make it the step's
+                    stats = {**stats, "cand_sel": stats["cand_sel"] + cand_offset}
                 per_group.setdefault(group, []).append(stats)
+            cand_offset += mine.shape[0]
             for group, members in forward.groups.items():
                 groups.setdefault(group, members)
         hessians: dict[str, dict[str, Tensor]] = {}
         for group, parts in per_group.items():
-            for key in ("sumsq", "wsumsq", "cand_rows"):
+            # Expert groups add ``tokens`` and ``cand_sel`` to the three keys of a linear group.
+            for key in [k for k in parts[0] if k not in ("plain", "weighted")]:
                 tensors[f"stats/{group}/{key}"] = torch.cat([p[key] for p in parts])
             if self._want_hessians:
                 hessians[group] = {key: sum(p[key] for p in parts) for key in ("plain", "weighted")}
@@ -653,6 +713,7 @@ class Recording:
             out[group] = reduce_inputs(x, valid, weights, candidates, hessians=self._want_hessians)
         forward.inputs.clear()  # release the held activations
         forward.seen.clear()
+        out.update(self._reduce_routed(forward, weights, candidates))
         return out
 
 
