@@ -3,6 +3,13 @@
 This is the calibration the Sink-Aware Pruning reference code runs (not a generation): for noise
 levels t = k/steps, k = sample_interval, 2·sample_interval, …, steps, every token is masked
 independently with probability p = (1 − eps)·t + eps, and the model is run once per (batch, level).
+
+Noise is per window: window i's uniform draws (one per level and token) come from a generator seeded
+with :func:`window_seed` ``(seed, i)``, so a window is noised the same whatever the batch size, the
+other windows, or the rank that runs it. In a process group recording into a sharded store, rank r
+runs the r-th contiguous share of the batches (:func:`attnprobe.distributed.shard_range`), so the
+ranks together record exactly the steps one process records, and reading the shards rank after rank
+gives them in the same order.
 """
 
 from __future__ import annotations
@@ -13,7 +20,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from attnprobe import distributed
 from attnprobe.record import active_recording
+
+_MASK64 = (1 << 64) - 1
 
 
 def noise_levels(steps: int, sample_interval: int) -> list[float]:
@@ -28,6 +38,30 @@ def noise_levels(steps: int, sample_interval: int) -> list[float]:
             f"need 1 <= sample_interval <= steps, got steps={steps}, sample_interval={sample_interval}"
         )
     return [k / steps for k in range(sample_interval, steps + 1, sample_interval)]
+
+
+def window_seed(seed: int, window: int) -> int:
+    """The seed of window ``window``'s noise: SplitMix64 of ``(seed, window)``, below 2**63.
+
+    A fixed, documented mix (not Python's ``hash``), so the noise is the same on every platform.
+
+    Example:
+        >>> window_seed(0, 0) != window_seed(0, 1) != window_seed(1, 0)
+        True
+    """
+    z = (seed * 0x9E3779B97F4A7C15 + window + 1) & _MASK64
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        z = ((z ^ (z >> shift)) * mult) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def _window_noise(windows: range, levels: int, tokens: int, seed: int) -> Tensor:
+    """Uniform draws (windows, levels, tokens), float32 on the CPU, each window from its own seed."""
+    out = torch.empty(len(windows), levels, tokens)
+    for row, window in enumerate(windows):
+        generator = torch.Generator().manual_seed(window_seed(seed, window))
+        torch.rand((levels, tokens), generator=generator, out=out[row])
+    return out
 
 
 def _protected(shape: torch.Size, keep: Sequence[int] | Tensor | None) -> Tensor:
@@ -69,15 +103,20 @@ def calibrate(
         mask_token_id: the id written at masked positions.
         steps, sample_interval: noise levels t = k/steps for k = sample_interval, 2·sample_interval, …
         eps: the floor of the masking probability, p = (1 − eps)·t + eps.
-        seed: seed of the masking draws (drawn on the CPU, so identical on every device).
+        seed: seed of the masking draws (drawn on the CPU, so identical on every device); window i
+            draws from its own generator seeded with ``window_seed(seed, i)``.
         batch_size: sequences per forward.
         keep: positions never masked (e.g. ``[0, -1]`` as Dream does), or a bool mask broadcastable
             to (N, L). Padding (``attention_mask == 0``) is never masked either.
         attention_mask: optional padding mask (N, L), passed to the model.
         progress: show a progress bar.
 
+    In a process group (``torch.distributed`` initialized) recording into a sharded store
+    (``record(model, path)`` with a path every rank sees), pass the same ``input_ids`` and options on
+    every rank: rank r runs the r-th contiguous share of the batches, so every window runs once.
+
     Returns:
-        The number of steps recorded.
+        The number of steps this process recorded.
 
     Example:
         >>> with attnprobe.record(model, "runs/calib", linear_stats=True) as store:   # doctest: +SKIP
@@ -94,19 +133,29 @@ def calibrate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     levels = noise_levels(steps, sample_interval)
-    generator = torch.Generator().manual_seed(seed)
     protected = _protected(input_ids.shape, keep)
     if attention_mask is not None:
         protected |= attention_mask.cpu() == 0
     starts = range(0, input_ids.shape[0], batch_size)
+    if _sharded(recording):
+        # The split is only right if every rank splits the same work.
+        shape = tuple(input_ids.shape)
+        summary = (shape, _checksum(input_ids), steps, sample_interval, eps, seed, batch_size)
+        distributed.check_agreement(
+            summary, "calibrate()'s (shape, ids checksum, steps, sample_interval, eps, seed, batch_size)",
+            "Pass the same input_ids and options on every rank; calibrate() splits them across ranks.",
+        )
+        share = distributed.shard_range(len(starts))
+        starts = starts[share.start : share.stop]
     bar = tqdm(total=len(starts) * len(levels), desc="calibrate", unit="step", disable=not progress)
     with bar:
         for start in starts:
             rows = slice(start, start + batch_size)
             clean = input_ids[rows]
-            for t in levels:
+            noise = _window_noise(range(start, start + len(clean)), len(levels), clean.shape[1], seed)
+            for level, t in enumerate(levels):
                 p_mask = (1 - eps) * t + eps
-                masked = (torch.rand(clean.shape, generator=generator) < p_mask) & ~protected[rows]
+                masked = (noise[:, level] < p_mask) & ~protected[rows]
                 noisy = torch.where(masked.to(clean.device), torch.full_like(clean, mask_token_id), clean)
                 kwargs = {"input_ids": noisy}
                 if attention_mask is not None:
@@ -117,3 +166,17 @@ def calibrate(
                     model(**kwargs)
                 bar.update()
     return len(starts) * len(levels)
+
+
+def _sharded(recording) -> bool:
+    """Whether this process writes one shard of a process group's store (then windows are split)."""
+    from attnprobe.shards import ShardedStore
+
+    return distributed.world_size() > 1 and isinstance(recording.store, ShardedStore)
+
+
+def _checksum(ids: Tensor) -> int:
+    """A cheap position-sensitive checksum of the ids, to check that every rank was given the same."""
+    flat = ids.reshape(-1).to(torch.int64)
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.int64, device=flat.device) % 65521
+    return int((flat * weights).sum())

@@ -19,7 +19,8 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import Tensor
 
-from attnprobe.store import TrajectoryStore
+from attnprobe import distributed
+from attnprobe.store import TrajectoryStore, open_store
 from attnprobe.store_format import (
     FORMAT,
     HESSIANS,
@@ -29,6 +30,7 @@ from attnprobe.store_format import (
     STEPS_DIR,
     TEMP_FILE,
     StoreError,
+    is_sharded,
     read_manifest,
     step_filename,
     step_indices,
@@ -132,6 +134,14 @@ def _unset(value: Any) -> bool:
     return value is None or value == [] or value == {} or value == ""
 
 
+def _sharded_append(path: str | Path, append: bool) -> bool:
+    """Appending to a sharded store adds a session of shards, also from one process."""
+    try:
+        return append and is_sharded(read_manifest(Path(path)))
+    except StoreError:
+        return False
+
+
 def _remove_temp_files(path: Path) -> None:
     for directory in (path, path / STEPS_DIR):
         if directory.is_dir():
@@ -158,8 +168,9 @@ class StoreWriter:
         torch.Size([1, 1, 2, 3])
     """
 
-    def __init__(self, store: TrajectoryStore) -> None:
-        self._store = store
+    def __init__(self, store: TrajectoryStore, *, view: TrajectoryStore | None = None) -> None:
+        self._store = store  # what this writer writes: the whole store, or this rank's shard
+        self._view = view  # in a process group: the whole (sharded) store, read as one
         self._next = store.num_steps
         self._closed = False
 
@@ -172,6 +183,7 @@ class StoreWriter:
         options: dict[str, Any],
         overwrite: bool = False,
         append: bool = False,
+        _single: bool = False,
     ) -> StoreWriter:
         """Start a store at ``path`` (a new or empty directory), or replace / extend an existing one.
 
@@ -185,6 +197,11 @@ class StoreWriter:
             append: add steps after the existing store's last completed step. Its fingerprint and
                 options must match these (fields still empty on either side, such as ``layers``
                 before the first step, are not compared).
+
+        In a ``torch.distributed`` process group of more than one rank, with a ``path``, this is a
+        collective: every rank writes its own shard of one sharded store (:mod:`attnprobe.shards`),
+        and :attr:`store` reads all of them as one. Appending to a sharded store (from a group or
+        from one process) adds a session of shards after the existing ones.
 
         Returns:
             A :class:`StoreWriter`.
@@ -200,6 +217,13 @@ class StoreWriter:
             raise ValueError("overwrite=True and append=True exclude each other; pass one of them.")
         fingerprint = _normalise(fingerprint, "the store fingerprint")
         options = _normalise(options, "the store options")
+        group = distributed.world_size() > 1
+        if path is not None and not _single and (group or _sharded_append(path, append)):
+            from attnprobe.shards import create_sharded
+
+            return create_sharded(
+                Path(path), fingerprint=fingerprint, options=options, overwrite=overwrite, append=append
+            )
         if path is None:
             tempdir = tempfile.TemporaryDirectory(prefix="attnprobe-", ignore_cleanup_errors=True)
             root = Path(tempdir.name)
@@ -226,7 +250,8 @@ class StoreWriter:
             if append:
                 return cls._append(TrajectoryStore(root), fingerprint, options)
             if not overwrite:
-                count = len(step_indices(root / STEPS_DIR))
+                count = len(step_indices(root / STEPS_DIR)) if (root / STEPS_DIR).is_dir() else None
+                count = count if count is not None else open_store(root).num_steps
                 raise ValueError(
                     f"{root} already holds an attnprobe store ({count} steps); pass overwrite=True to "
                     "replace it, append=True to add steps to it, or choose another path."
@@ -279,6 +304,10 @@ class StoreWriter:
     @staticmethod
     def _delete_store(root: Path) -> None:
         """Delete the store's own files; the manifest last, so an interruption leaves a store."""
+        if is_sharded(read_manifest(root)):
+            from attnprobe.shards import delete_store
+
+            return delete_store(root)
         logger.info("attnprobe: overwriting the store at %s", root)
         _remove_temp_files(root)
         steps = root / STEPS_DIR
@@ -295,12 +324,17 @@ class StoreWriter:
 
     @property
     def store(self) -> TrajectoryStore:
-        """The store being written, readable at any time."""
+        """The store being written, readable at any time (in a process group: every shard, as one)."""
+        return self._view if self._view is not None else self._store
+
+    @property
+    def shard(self) -> TrajectoryStore:
+        """What this writer writes: the whole store, or in a process group this rank's shard."""
         return self._store
 
     @property
     def path(self) -> Path:
-        """The store directory."""
+        """The directory this writer writes (in a process group: this rank's shard)."""
         return self._store.path
 
     def _check_open(self) -> None:
@@ -370,8 +404,18 @@ class StoreWriter:
         _save_tensors(self.path / HESSIANS, tensors, None)
 
     def close(self) -> None:
-        """Stop writing (the store stays readable; a temporary one lives as long as :attr:`store`)."""
+        """Stop writing (the store stays readable; a temporary one lives as long as :attr:`store`).
+
+        In a process group, closing waits for every rank, so that :attr:`store` then holds every
+        shard's steps; a rank that died is reported in a warning.
+        """
+        if self._closed:
+            return
         self._closed = True
+        if self._view is not None:
+            from attnprobe.shards import wait_for_ranks
+
+            wait_for_ranks(self._view.path)
 
     def __repr__(self) -> str:
         return f"StoreWriter({str(self.path)!r}, next_step={self._next}{', closed' if self._closed else ''})"
