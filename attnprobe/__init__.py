@@ -1,14 +1,15 @@
 """attnprobe: record attention of diffusion language models across denoising steps.
 
 Example:
-    >>> import attnprobe                                                  # doctest: +SKIP
-    >>> with attnprobe.record(model, "runs/gen", mask_token_id=126336) as store:
+    >>> import attnprobe
+    >>> with attnprobe.record(model, "runs/gen", linear_stats=False) as store:  # doctest: +SKIP
     ...     attnprobe.generate(model, prompt, mask_token_id=126336, steps=64)
-    >>> attnprobe.open("runs/gen").attention_mass(0).shape
+    >>> attnprobe.open("runs/gen").attention_mass(0).shape                        # doctest: +SKIP
 """
 
 from attnprobe import sinks, trajectory
 from attnprobe.calibrate import calibrate
+from attnprobe.fingerprint import fingerprint_problems, model_fingerprint
 from attnprobe.linear_stats import reduce_inputs
 from attnprobe.record import Recording, record
 from attnprobe.registry import ModelLayout, discover
@@ -26,6 +27,8 @@ __all__ = [
     "TrajectoryStore",
     "calibrate",
     "discover",
+    "fingerprint_problems",
+    "model_fingerprint",
     "generate",
     "open",
     "record",

@@ -50,11 +50,11 @@ def weight_sample(weight: Tensor) -> dict[str, Any] | None:
     return {"dtype": str(weight.dtype).removeprefix("torch."), "values": values.float().cpu().tolist()}
 
 
-def fingerprint(model: nn.Module, linears: list[str]) -> dict[str, Any]:
+def model_fingerprint(model: nn.Module, linears: list[str]) -> dict[str, Any]:
     """Class, linear shapes and weight samples of ``model``'s named linears.
 
     Example:
-        >>> sorted(fingerprint(nn.Sequential(nn.Linear(4, 2)), ["0"]))
+        >>> sorted(model_fingerprint(nn.Sequential(nn.Linear(4, 2)), ["0"]))
         ['linears', 'model_class', 'weight_sample']
     """
     modules = dict(model.named_modules())
@@ -76,7 +76,12 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _same_weights(stored: dict[str, Any], weight: Tensor, keep: Tensor | None) -> bool:
-    """Whether ``weight``'s sample matches ``stored`` (at the sampled entries ``keep`` marks, if given)."""
+    """Whether ``weight``'s sample matches ``stored`` (only where the ``(out, in)`` mask ``keep`` is True)."""
+    if keep is not None:
+        if tuple(keep.shape) != tuple(weight.shape):
+            return False
+        rows, cols = sample_positions(tuple(keep.shape))
+        keep = keep.to("cpu", torch.bool)[rows, cols]
     mine = weight_sample(weight)
     if mine is None or len(mine["values"]) != len(stored.get("values", [])):
         return mine is None  # nothing to compare on a meta weight; a different count is a different shape
@@ -98,18 +103,18 @@ def fingerprint_problems(
     """Compare a stored fingerprint with ``model``.
 
     Args:
-        stored: a fingerprint as :func:`fingerprint` made it (older stores lack ``weight_sample``).
+        stored: a fingerprint as :func:`model_fingerprint` made it (older stores lack ``weight_sample``).
         model: the model to check.
         check_weights: compare weight samples too.
-        keep: per linear, a bool ``(WEIGHT_SAMPLES,)`` choosing which sampled entries to compare
-            (masks: pruned entries are zero in a pruned model's sample); linears absent compare all.
+        keep: per linear, a bool ``(out, in)`` keep-mask: only kept entries are compared (a pruned
+            model's sample is zero where it was pruned); linears absent compare every sampled entry.
 
     Returns:
         ``(architecture problems, linears whose weights differ)``; both empty when ``model`` matches.
 
     Example:
         >>> m = nn.Sequential(nn.Linear(4, 2))
-        >>> fingerprint_problems(fingerprint(m, ["0"]), m)
+        >>> fingerprint_problems(model_fingerprint(m, ["0"]), m)
         ([], [])
     """
     problems = []
@@ -131,8 +136,3 @@ def fingerprint_problems(
                 differ.append(name)
     return problems, differ
 
-
-def shown(items: list[str], limit: int = 5) -> str:
-    """``a; b; c; and N more``: a list cut to ``limit`` entries for an error message."""
-    more = f"; and {len(items) - limit} more" if len(items) > limit else ""
-    return "; ".join(items[:limit]) + more

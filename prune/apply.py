@@ -9,6 +9,7 @@ keeps a CPU copy of every weight it changes and restores them all if anything fa
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -18,8 +19,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+import attnprobe
+from attnprobe import Recording, TrajectoryStore, fingerprint_problems
 from prune import masks as masks_mod
-from prune.sequential import block_statistics
+from prune.io import shown
+from prune.onload import check_materialized
 from prune.sparsegpt import sparsegpt_prune
 from prune.statistics import ACCUMULATIONS, SinkSettings, activation_norms
 from prune.wanda import magnitude_scores, wanda_scores
@@ -71,24 +75,47 @@ def _select_linears(model: nn.Module, store, targets: str | None, ignore: str | 
     return chosen
 
 
-def check_fingerprint(model: nn.Module, store) -> None:
-    """Refuse a store recorded from another model: class and every linear's shape must match."""
-    fingerprint = store.fingerprint
-    problems = []
-    if fingerprint.get("model_class") != type(model).__name__:
-        problems.append(f"model class {fingerprint.get('model_class')} vs {type(model).__name__}")
-    modules = dict(model.named_modules())
-    for name, shape in fingerprint.get("linears", {}).items():
-        module = modules.get(name)
-        if not isinstance(module, nn.Linear):
-            problems.append(f"{name} missing")
-        elif [module.out_features, module.in_features] != list(shape):
-            problems.append(f"{name} shape {list(shape)} vs {[module.out_features, module.in_features]}")
+def as_store(store: Any, *, needed: str = "a calibration store"):
+    """The trajectory store behind ``store``: a store, a closed ``record()`` object, or a path to one.
+
+    Raises:
+        TypeError: ``store`` is none of these (the message names what was given and what to pass).
+        RuntimeError: a ``record()`` object whose block has not closed yet.
+        StoreError: a path that holds no readable store.
+    """
+    if isinstance(store, TrajectoryStore):
+        return store
+    if isinstance(store, Recording):
+        if not store.closed:
+            raise RuntimeError(
+                "prune.apply got a recording whose `with attnprobe.record(...)` block is still open (or was "
+                "never entered); call prune.apply after the block closes, when every step and the Hessians "
+                "are on disk."
+            )
+        return store.store
+    if isinstance(store, (str, os.PathLike)):
+        return attnprobe.open(store)
+    raise TypeError(
+        f"prune.apply needs {needed}, got {type(store).__name__} {str(store)[:60]!r}. Pass the object "
+        "bound by `with attnprobe.record(model) as store:`, attnprobe.open(path), or the store's path."
+    )
+
+
+def check_fingerprint(model: nn.Module, store, *, allow_other_weights: bool = False) -> None:
+    """Refuse a store recorded from another model (class, linear shapes) or checkpoint (weight sample)."""
+    problems, differ = fingerprint_problems(store.fingerprint, model, check_weights=not allow_other_weights)
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise ValueError(
-            f"the store at {store.path} was recorded from another model ({shown}). Record a calibration "
-            "store from this model with attnprobe.record(model, path, linear_stats=True)."
+            f"the store at {store.path} was recorded from another model ({shown(problems)}). "
+            "Record a calibration store from this model with attnprobe.record(model, path)."
+        )
+    if differ:
+        raise ValueError(
+            f"the store at {store.path} was recorded from another checkpoint of {type(model).__name__}: "
+            f"the weights of {len(differ)} linear(s) differ from those sampled at record time "
+            f"({shown(differ)}). Its statistics describe that checkpoint's activations (the "
+            "model may also have been pruned or fine-tuned since). Record a calibration store from this "
+            "model, or pass allow_other_weights=True to apply it to a fine-tuned sibling on purpose."
         )
 
 
@@ -207,14 +234,19 @@ def apply(
     blocksize: int = 128,
     percdamp: float = 0.01,
     structured_mode: str = "uniform",
+    allow_other_weights: bool = False,
+    device: torch.device | str | None = None,
+    offload_device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> PruneResult:
     """Prune ``model`` in place from a calibration store.
 
     Args:
         model: the model the store was recorded from (checked by fingerprint).
-        store: a :class:`~attnprobe.store.TrajectoryStore` recorded with ``linear_stats=True``
-            (``hessians=True`` for one-shot SparseGPT); may be ``None`` for ``method="magnitude"``.
+        store: the calibration store: the object bound by ``with attnprobe.record(model) as store``
+            (after the block), ``attnprobe.open(path)``, or the path itself. Recorded with linear
+            statistics (the default; ``hessians=True`` for one-shot SparseGPT); may be ``None`` for
+            ``method="magnitude"``.
         sparsity: fraction of each selected linear's weights pruned, in [0, 1). With
             ``pattern="structured"``: the fraction of heads and MLP channels removed per layer.
         method: ``"magnitude"``, ``"wanda"`` (arXiv 2306.11695) or ``"sparsegpt"`` (arXiv 2301.00774).
@@ -222,10 +254,12 @@ def apply(
         pattern: ``"unstructured"`` (exact count per output row), ``"N:M"`` (N pruned of every M
             consecutive inputs), or ``"structured"`` (see :mod:`prune.structured`).
         sequential: prune block by block, each block's statistics measured on inputs propagated through
-            the already-pruned blocks by replaying the store's input ids (as Wanda and SparseGPT publish).
-            Default ``False``: one shot from the store, no forward pass for the Wanda family, so
-            changing sink parameters is instant; ``True`` is closer to the published baselines at the
-            price of a forward per block and step.
+            the already-pruned blocks (as Wanda and SparseGPT publish), by the block-wise engine
+            (:mod:`prune.blockwise`): the store's input ids are embedded once, then every block runs
+            twice per step, so the cost is linear in depth. Sink weights come from the store's
+            attention mass; linear statistics and Hessians on disk are not needed. Default ``False``:
+            one shot from the store, no forward pass for the Wanda family, so changing sink
+            parameters is instant.
         accumulate: ``"wanda"`` (sqrt of the mean of Σx²) or ``"reference"`` (the public Sink-Aware
             code's sum of per-sample L2 norms).
         sink_std, sink_alpha: sink rule parameters (default: those recorded).
@@ -236,14 +270,21 @@ def apply(
             linears inside attention blocks are candidates: embeddings and the LM head are untouched.
         blocksize, percdamp: SparseGPT's block size and damping.
         structured_mode: ``"uniform"`` or ``"global"`` for ``pattern="structured"``.
+        allow_other_weights: apply a store whose weight sample differs from ``model``'s (a store of
+            the base model applied to a fine-tuned sibling, on purpose). Class and shapes must match.
+        device: with ``sequential=True``, onload: the model may live on the CPU and each block (and,
+            for embedding the inputs, the rest of the model) visits ``device`` in turn, so the device
+            holds one block's weights, statistics and activations, never the whole model.
+        offload_device: where block inputs are cached between blocks (``sequential=True``).
         progress: show progress bars.
 
     Returns:
         A :class:`PruneResult`.
 
     Raises:
-        ValueError: bad arguments, a store from another model or lacking what the method needs, or
-            NaN/Inf statistics. The model is left untouched.
+        ValueError: bad arguments, a store from another model or checkpoint or lacking what the method
+            needs, or NaN/Inf statistics. The model is left untouched.
+        TypeError: ``store`` is not a store, a closed recording or a path.
 
     Example:
         >>> result = prune.apply(model, store, 0.5, method="wanda", sink_aware=True)  # doctest: +SKIP
@@ -251,9 +292,13 @@ def apply(
     """
     kind, n, m = _validate(method, sparsity, pattern, accumulate)
     if store is None and (method != "magnitude" or sequential):
-        raise ValueError(f"method={method!r} needs a calibration store; only 'magnitude' runs without one")
+        raise ValueError(
+            f"method={method!r} needs a calibration store; only 'magnitude' runs without one. Record one "
+            "with `with attnprobe.record(model) as store: attnprobe.calibrate(model, ids)`."
+        )
     if store is not None:
-        check_fingerprint(model, store)
+        store = as_store(store)
+        check_fingerprint(model, store, allow_other_weights=allow_other_weights)
     settings = SinkSettings(
         sink_std if sink_std is not None else (store.options.get("sink_std", 2.0) if store else 2.0),
         sink_alpha if sink_alpha is not None else (store.options.get("sink_alpha", 5.0) if store else 5.0),
@@ -282,9 +327,18 @@ def apply(
             model, store, sparsity, sink_aware, settings, accumulate, structured_mode, meta
         )
     linears = _select_linears(model, store, targets, ignore)
+    check_materialized(linears)
     how = _Selection(method, float(sparsity), kind, n, m, blocksize, percdamp)
     if sequential:
-        return _apply_sequential(model, store, linears, meta, how, sink_aware, settings, accumulate, progress)
+        onload = (device, offload_device)
+        return _apply_sequential(
+            model, store, linears, meta, how, sink_aware, settings, accumulate, progress, onload
+        )
+    if device is not None:
+        raise ValueError(
+            f"device={device!r} onloads blocks one at a time, which only sequential pruning does; pass "
+            "sequential=True, or move the model to the device yourself for one-shot pruning."
+        )
     norms: dict[str, Tensor] = {}
     hessians: dict[str, Tensor] = {}
     if method == "wanda":
@@ -333,46 +387,54 @@ def _result(plan: dict[str, tuple[Tensor, Tensor | None]], rows: list[dict], met
 
 
 def _apply_sequential(
-    model, store, linears, meta, how: _Selection, sink_aware, settings, accumulate, progress
+    model, store, linears, meta, how: _Selection, sink_aware, settings, accumulate, progress, onload
 ) -> PruneResult:
-    backup = {name: module.weight.detach().to("cpu", copy=True) for name, module in linears.items()}
+    """Block-wise sequential pruning (:mod:`prune.blockwise`), undone entirely if anything fails."""
+    from prune.blockwise import prune_blockwise, steps_from_store
+
+    device, offload_device = onload
+    statistic = {"wanda": "sumsq" if accumulate == "wanda" else "norms", "sparsegpt": "hessian"}
+    statistic = statistic.get(how.method)
+    steps = steps_from_store(store, settings if sink_aware else None) if statistic else []
+    backup: dict[str, Tensor] = {}  # original weights of the blocks pruned so far, on offload_device
     plan: dict[str, tuple[Tensor, Tensor | None]] = {}
     rows = []
+
+    def prune_block(block, stats) -> None:
+        block_plan = {}
+        for name, module in block.linears.items():
+            group = stats.of(name) if stats is not None else None
+            if stats is not None and group is None:
+                raise ValueError(
+                    f"{name} received no input while its block ran over the calibration steps; exclude "
+                    "it with ignore= or check that the block calls it"
+                )
+            norm = group.norm() if how.method == "wanda" else None
+            hessian = group.hessian() if how.method == "sparsegpt" else None
+            mask, new_weight, row = _plan_linear(name, module, how, norm, hessian)
+            block_plan[name] = (mask, new_weight)
+            rows.append(row)
+        for name, (mask, new_weight) in block_plan.items():  # the whole block planned: now write it
+            backup[name] = linears[name].weight.detach().to(offload_device, copy=True)
+            _write(linears[name], mask, new_weight)
+            plan[name] = (mask.cpu(), None if new_weight is None else new_weight.to(offload_device))
+
     try:
-        for block_names, stats in block_statistics(
+        prune_blockwise(
             model,
-            store,
+            steps,
             list(linears),
-            sink_aware=sink_aware,
-            settings=settings,
-            hessians=how.method == "sparsegpt",
+            prune_block,
+            statistic=statistic,
+            device=device,
+            offload_device=offload_device,
             progress=progress,
-        ):
-            block_plan = {}
-            for name in block_names:
-                if name not in stats and how.method != "magnitude":
-                    raise ValueError(f"replaying the store produced no inputs for {name}")
-                norm = _norm_from_replay(stats[name], accumulate) if how.method == "wanda" else None
-                hessian = stats[name]["hessian"] if how.method == "sparsegpt" else None
-                mask, new_weight, row = _plan_linear(name, linears[name], how, norm, hessian)
-                block_plan[name] = (mask, new_weight)
-                rows.append(row)
-            for name, (mask, new_weight) in block_plan.items():
-                _write(linears[name], mask, new_weight)
-            plan.update(block_plan)
+        )
     except BaseException:
         for name, weight in backup.items():
-            linears[name].weight.copy_(weight)
+            linears[name].weight.copy_(weight.to(linears[name].weight.device))
         raise
     return _result(plan, rows, meta)
-
-
-def _norm_from_replay(stats: dict[str, Tensor], accumulate: str) -> Tensor:
-    """Activation norm from replayed per-sample sums of squares (same reductions as the store's)."""
-    per_sample = stats["sumsq"]  # (sequences, in)
-    if accumulate == "wanda":
-        return per_sample.mean(0).sqrt()
-    return per_sample.sqrt().sum(0)
 
 
 def _apply_structured(model, store, ratio, sink_aware, settings, accumulate, mode, meta) -> PruneResult:

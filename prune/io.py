@@ -5,11 +5,18 @@ Each mask is stored as ``mask/<module name>``, a uint8 tensor of its bits packed
 metadata holds ``attnprobe.masks`` (JSON: format version, shapes, pruning settings, model
 fingerprint). SparseGPT also changes the kept weights, so ``weights=`` can store them as
 ``weight/<module name>`` to reproduce the pruned model exactly.
+
+The file is written like the store's files: under a temporary name in its directory, flushed with
+``fsync``, then renamed over the target, so a crash leaves the old file or the new one, never half.
+The fingerprint (class, linear shapes, a sample of each linear's weights: ``attnprobe``'s
+``model_fingerprint``) is checked whole by :func:`load_masks`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +24,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from attnprobe import fingerprint_problems
+from attnprobe import model_fingerprint as _fingerprint
 
 FORMAT_VERSION = 1
 _BIT_VALUES = 2 ** torch.arange(8, dtype=torch.uint8)  # bit i of a byte holds element 8·k + i
@@ -49,16 +59,40 @@ def unpack_bits(packed: Tensor, shape: tuple[int, ...]) -> Tensor:
     return bits.flatten()[:numel].view(shape)
 
 
+def shown(items: list[str], limit: int = 5) -> str:
+    """``a; b; c; and N more``: a list cut to ``limit`` entries for an error message.
+
+    Example:
+        >>> shown(["a", "b", "c"], limit=2)
+        'a; b; and 1 more'
+    """
+    more = f"; and {len(items) - limit} more" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
+
+
 def model_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Class and linear shapes of a model: enough to tell whether masks belong to it."""
-    return {
-        "model_class": type(model).__name__,
-        "linears": {
-            name: [m.out_features, m.in_features]
-            for name, m in model.named_modules()
-            if isinstance(m, nn.Linear)
-        },
-    }
+    """Class, shapes and a weight sample of every ``nn.Linear``: whether masks belong to a model."""
+    return _fingerprint(model, [name for name, m in model.named_modules() if isinstance(m, nn.Linear)])
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``save_file`` to a temporary file in ``path``'s directory, fsync, rename over ``path``."""
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, temp, metadata=metadata)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 def save_masks(
@@ -97,7 +131,7 @@ def save_masks(
         "fingerprint": model_fingerprint(model) if model is not None else None,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"attnprobe.masks": json.dumps(header)})
+    _atomic_save(tensors, path, {"attnprobe.masks": json.dumps(header)})
     return path
 
 
@@ -127,17 +161,43 @@ def read_masks(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor], 
     return masks, weights, header
 
 
+def _fingerprint_problems(model: nn.Module, stored: dict[str, Any], masks, weights, allow_other_weights):
+    """Architecture problems, and (unless allowed) linears whose kept weights differ from the file's."""
+    # Linears whose weights the file replaces need not match; the others are compared where kept (the
+    # saved model was pruned, so its sample is zero where the mask prunes).
+    samples = {k: v for k, v in (stored.get("weight_sample") or {}).items() if k not in weights}
+    problems, differ = fingerprint_problems(
+        {**stored, "weight_sample": samples}, model, check_weights=not allow_other_weights, keep=masks
+    )
+    if differ:
+        problems.append(
+            f"the weights of {len(differ)} linear(s) differ from the model the masks were saved from "
+            f"({shown(differ)}): another checkpoint (pass allow_other_weights=True to apply them to a "
+            "fine-tuned sibling on purpose)"
+        )
+    return problems
+
+
 @torch.no_grad()
-def load_masks(model: nn.Module, path: str | Path, *, check_fingerprint: bool = True) -> dict[str, Any]:
+def load_masks(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    check_fingerprint: bool = True,
+    allow_other_weights: bool = False,
+) -> dict[str, Any]:
     """Re-apply saved masks (and saved weights, if any) to ``model`` in place.
 
-    Every problem is found before any weight changes: a different model class or fingerprint, a
-    missing module, a shape mismatch; the error names each one.
+    Every problem is found before any weight changes: a different model class, a missing linear, a
+    shape mismatch, other weights (checkpoint); the error names each one.
 
     Args:
-        model: a dense model of the architecture the masks were made for.
+        model: a dense model of the checkpoint the masks were made for.
         path: a file written by :func:`save_masks`.
-        check_fingerprint: compare the stored model fingerprint with ``model``'s.
+        check_fingerprint: compare the stored model fingerprint (class, shapes, weight sample) with
+            ``model``'s.
+        allow_other_weights: accept a model whose weights differ from the saved sample (same class and
+            shapes), e.g. a fine-tuned sibling.
 
     Returns:
         The header: settings and fingerprint stored with the masks.
@@ -150,9 +210,7 @@ def load_masks(model: nn.Module, path: str | Path, *, check_fingerprint: bool = 
     problems = []
     stored = header.get("fingerprint")
     if check_fingerprint and stored is not None:
-        mine = model_fingerprint(model)
-        if stored["model_class"] != mine["model_class"]:
-            problems.append(f"model class {stored['model_class']} in the file, {mine['model_class']} given")
+        problems.extend(_fingerprint_problems(model, stored, masks, weights, allow_other_weights))
     for name, mask in masks.items():
         module = modules.get(name)
         if not isinstance(module, nn.Linear):
@@ -163,7 +221,10 @@ def load_masks(model: nn.Module, path: str | Path, *, check_fingerprint: bool = 
         if name not in masks:
             problems.append(f"{name}: stored weight without a mask")
     if problems:
-        raise ValueError(f"masks in {path} do not fit {type(model).__name__}: " + "; ".join(problems))
+        raise ValueError(
+            f"masks in {path} do not fit {type(model).__name__}: " + "; ".join(problems) + ". Load them "
+            "into the dense model they were made from (or pass check_fingerprint=False to skip the check)."
+        )
     for name, mask in masks.items():
         weight = modules[name].weight
         if name in weights:

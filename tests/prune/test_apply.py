@@ -242,7 +242,7 @@ def test_nan_statistics_refused_before_any_change(tmp_path, monkeypatch):
 
 def test_masks_round_trip_reproduce_weights(tmp_path):
     model = models.llama_bidirectional()
-    fresh = copy.deepcopy(model)
+    fresh, dense = copy.deepcopy(model), copy.deepcopy(model)
     store = _record(model, tmp_path / "s", _calibration_ids(2), hessians=True)
     result = prune.apply(model, store, 0.5, method="wanda", sink_aware=True, progress=False)
     path = prune.save_masks(result.masks, tmp_path / "m.safetensors", settings=result.settings, model=model)
@@ -250,7 +250,7 @@ def test_masks_round_trip_reproduce_weights(tmp_path):
     assert header["settings"]["method"] == "wanda" and header["settings"]["sink_aware"]
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))
     # SparseGPT also changes kept weights: saved alongside, they reproduce the model exactly
-    gpt, gpt_fresh = copy.deepcopy(fresh), copy.deepcopy(fresh)
+    gpt, gpt_fresh = copy.deepcopy(dense), copy.deepcopy(dense)  # `fresh` is pruned now
     result = prune.apply(gpt, store, 0.5, method="sparsegpt", blocksize=16, progress=False)
     path = prune.save_masks(result.masks, tmp_path / "g.safetensors", model=gpt, weights=result.weights)
     prune.load_masks(gpt_fresh, path)
