@@ -99,6 +99,8 @@ def step_weights(store, settings: SinkSettings) -> dict[int, Tensor]:
 def _reweighted(stats: dict[str, Tensor], cand_index: Tensor, weights: Tensor) -> Tensor:
     """``sumsq − Σ_c (1 − w_c²) x_c²`` per sample, from the stored candidate rows."""
     out = stats["sumsq"].clone()
+    if "cand_sel" in stats:  # an expert keeps rows only of the candidates routed to it
+        cand_index = cand_index[stats["cand_sel"]]
     if cand_index.numel():
         w = weights[cand_index[:, 0], cand_index[:, 1]]
         out.index_add_(0, cand_index[:, 0], -(1 - w.square())[:, None] * stats["cand_rows"])
