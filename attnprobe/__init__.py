@@ -9,6 +9,7 @@ Example:
 
 from attnprobe import sinks, trajectory
 from attnprobe.calibrate import calibrate
+from attnprobe.experts import ExpertSet, discover_experts, expert_weight
 from attnprobe.fingerprint import fingerprint_problems, model_fingerprint
 from attnprobe.linear_stats import reduce_inputs
 from attnprobe.record import Recording, record
@@ -21,12 +22,15 @@ __version__ = "0.1.0"
 
 # The public API. `prune` builds only on these names (never on attnprobe's internal modules).
 __all__ = [
+    "ExpertSet",
     "ModelLayout",
     "Recording",
     "StoreError",
     "TrajectoryStore",
     "calibrate",
     "discover",
+    "discover_experts",
+    "expert_weight",
     "fingerprint_problems",
     "model_fingerprint",
     "generate",
