@@ -17,16 +17,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 import attnprobe
 from attnprobe import Recording, TrajectoryStore, fingerprint_problems
 from prune import masks as masks_mod
+from prune.distributed import plan_linears
 from prune.io import shown
 from prune.onload import check_materialized
 from prune.sparsegpt import sparsegpt_prune
-from prune.statistics import ACCUMULATIONS, SinkSettings, activation_norms
-from prune.wanda import magnitude_scores, wanda_scores
+from prune.statistics import SinkSettings, activation_norms
+from prune.wanda import check_accumulation, magnitude_scores, wanda_scores
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +122,7 @@ def check_fingerprint(model: nn.Module, store, *, allow_other_weights: bool = Fa
 def _validate(method: str, sparsity: float, pattern: str, accumulate: str) -> tuple[str, int, int]:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if accumulate not in ACCUMULATIONS:
-        raise ValueError(f"unknown accumulate {accumulate!r}; choose one of {ACCUMULATIONS}")
+    check_accumulation(accumulate)
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be in [0, 1) (0.5 prunes half the weights), got {sparsity!r}")
     if pattern == "structured":
@@ -152,13 +151,35 @@ def _hessians_from_store(store, sink_aware: bool, settings: SinkSettings) -> dic
             f"sink_alpha={options.get('sink_alpha')}, policy 'all'; other settings need sequential=True "
             "(which replays the recorded inputs) or a new recording."
         )
+    _check_hessian_coverage(store, stored)
     key = "weighted" if sink_aware else "plain"
     out = {}
     for group, tensors in stored.items():
+        # SparseGPT's H = (2 / n) Σ x xᵀ over the n calibration sequences (arXiv 2301.00774).
         hessian = tensors[key] * (2.0 / max(int(tensors["nsamples"]), 1))
         for name in store.linear_groups(0).get(group, [group]):
             out[name] = hessian
     return out
+
+
+def _check_hessian_coverage(store, stored: dict[str, dict[str, Tensor]]) -> None:
+    """Refuse Hessians that do not sum exactly the samples of the steps on disk."""
+    expected: dict[str, int] = {}
+    for step in range(store.num_steps):
+        batch = store.valid(step).shape[0]
+        for group in store.linear_groups(step):
+            expected[group] = expected.get(group, 0) + batch
+    wrong = [
+        f"{group}: {int(t['nsamples'])} samples summed, {expected.get(group, 0)} in the steps"
+        for group, t in stored.items()
+        if "nsamples" in t and int(t["nsamples"]) != expected.get(group, 0)
+    ]
+    if wrong:
+        raise ValueError(
+            f"the Hessians in {store.path} do not cover the store's steps ({shown(wrong)}): the recording "
+            "was interrupted while writing them, or steps were added or removed since. Record the "
+            "calibration again (or use sequential=True, which measures Hessians by replaying the steps)."
+        )
 
 
 def _finite(name: str, tensor: Tensor) -> None:
@@ -345,12 +366,13 @@ def apply(
         norms = activation_norms(store, sink_aware=sink_aware, settings=settings, accumulate=accumulate)
     elif method == "sparsegpt":
         hessians = _hessians_from_store(store, sink_aware, settings)
-    plan = {}
-    rows = []
-    for name, module in tqdm(linears.items(), desc=f"prune {method}", disable=not progress):
-        mask, new_weight, row = _plan_linear(name, module, how, norms.get(name), hessians.get(name))
-        plan[name] = (mask, new_weight)
-        rows.append(row)
+    # In a process group each rank plans a share of the linears and receives the rest (prune.distributed).
+    plan, rows = plan_linears(
+        linears,
+        lambda name, module: _plan_linear(name, module, how, norms.get(name), hessians.get(name)),
+        method=method,
+        progress=progress,
+    )
     # Every mask exists: only now touch the weights.
     for name, (mask, new_weight) in plan.items():
         _write(linears[name], mask, new_weight)

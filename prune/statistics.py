@@ -11,7 +11,8 @@ the sink rule at record time) and the squared input rows of *candidate* tokens (
   w = 1; their true weight is at least ``1 − sigmoid(−alpha · (sink_std − floor) · std)``, which for
   the default parameters and attention mass in units of layers × heads is 1 to many decimals.
 
-Two ways to accumulate over (sample, step) pairs, each a calibration "sequence":
+Two ways to accumulate over (sample, step) pairs, each a calibration "sequence" (defined once, in
+:mod:`prune.wanda`: ``ACCUMULATIONS``, ``accumulation_term``, ``finish_norm``):
 
 - ``"wanda"`` (arXiv 2306.11695): ``norm_j = sqrt(mean over sequences of Σ_t x̃_tj²)``;
 - ``"reference"`` (the Sink-Aware Pruning public code): ``norm_j = Σ over sequences of ||x̃_:j||₂``.
@@ -25,8 +26,10 @@ import torch
 from torch import Tensor
 
 from attnprobe import sinks
+from prune.wanda import ACCUMULATIONS, accumulation_term, check_accumulation, finish_norm
 
-ACCUMULATIONS = ("wanda", "reference")
+__all__ = ["ACCUMULATIONS", "SINK_POLICIES", "SinkSettings", "activation_norms", "step_weights"]
+
 SINK_POLICIES = ("all", "unstable")
 
 
@@ -110,11 +113,7 @@ def _reweighted(stats: dict[str, Tensor], cand_index: Tensor, weights: Tensor) -
 def _check_settings(store, settings: SinkSettings) -> bool:
     """Validate against what the store recorded; True when its exact ``wsumsq`` applies."""
     options = store.options
-    if not options.get("linear_stats"):
-        raise ValueError(
-            f"the store at {store.path} has no linear-input statistics; record the calibration with "
-            "attnprobe.record(model, path, linear_stats=True)"
-        )
+    _require_linear_stats(store)
     if settings.policy not in SINK_POLICIES:
         raise ValueError(f"unknown sink_policy {settings.policy!r}; choose one of {SINK_POLICIES}")
     recorded = (options.get("sink_std"), options.get("sink_alpha"))
@@ -128,6 +127,16 @@ def _check_settings(store, settings: SinkSettings) -> bool:
             "with record(..., candidate_floor_std=<lower>)."
         )
     return exact
+
+
+def _require_linear_stats(store) -> None:
+    if not store.options.get("linear_stats"):
+        raise ValueError(
+            f"the store at {store.path} was recorded without linear-input statistics (linear_stats=False, "
+            f"{store.num_steps} steps of attention mass only), and Wanda and SparseGPT score weights with "
+            "them. Record the calibration again with the default: `with attnprobe.record(model, path) as "
+            "store: attnprobe.calibrate(model, ids)`; or use method='magnitude', which needs no store."
+        )
 
 
 def activation_norms(
@@ -151,8 +160,8 @@ def activation_norms(
     Example:
         >>> norms = activation_norms(attnprobe.open("runs/calib"), sink_aware=True)   # doctest: +SKIP
     """
-    if accumulate not in ACCUMULATIONS:
-        raise ValueError(f"unknown accumulate {accumulate!r}; choose one of {ACCUMULATIONS}")
+    check_accumulation(accumulate)
+    _require_linear_stats(store)
     if settings is None:
         settings = SinkSettings(store.options.get("sink_std", 2.0), store.options.get("sink_alpha", 5.0))
     exact = _check_settings(store, settings) if sink_aware else True
@@ -170,14 +179,19 @@ def activation_norms(
                 per_sample = (
                     stats[group]["wsumsq"] if exact else _reweighted(stats[group], cand_index, weights[step])
                 )
-            term = per_sample.sum(0) if accumulate == "wanda" else per_sample.sqrt().sum(0)
+            term = accumulation_term(per_sample, accumulate)
             totals[group] = totals[group] + term if group in totals else term
         count += next(iter(stats.values()))["sumsq"].shape[0] if stats else 0
     if not totals:
-        raise ValueError(f"the store at {store.path} holds no linear-input statistics (0 usable steps)")
+        raise ValueError(
+            f"the store at {store.path} holds no linear-input statistics: its {store.num_steps} steps have "
+            "none (no step ran, or no block linear saw (batch, tokens, features) inputs). Record a "
+            "calibration into it: `with attnprobe.record(model, path) as store: attnprobe.calibrate(model, "
+            "ids)`."
+        )
     norms = {}
     for group, total in totals.items():
-        norm = (total / count).sqrt() if accumulate == "wanda" else total
+        norm = finish_norm(total, count, accumulate)
         for name in members[group]:
             norms[name] = norm
     return norms

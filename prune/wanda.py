@@ -4,8 +4,10 @@ Wanda (arXiv 2306.11695) scores weight ``W_ij`` by ``|W_ij| * ||X_j||``: its mag
 of input column ``j`` over the calibration tokens. The published code keeps a per-column *scaler*,
 the mean over calibration sequences of ``sum_t x_tj**2``, and uses ``sqrt(scaler)`` as the norm. The
 Sink-Aware Pruning reference code (arXiv 2602.17664) instead sums per-sample L2 norms of the
-sink-down-weighted activations. Both are per-input-column norms, so both feed :func:`wanda_scores`;
-:func:`act_norm_from_sumsq` builds either from per-sample sums of squares.
+sink-down-weighted activations. Both are per-input-column norms, so both feed :func:`wanda_scores`.
+The two are the :data:`ACCUMULATIONS` ``"wanda"`` and ``"reference"``, defined here once:
+:func:`accumulation_term` and :func:`finish_norm` stream them over steps (``prune.statistics``),
+:func:`act_norm_from_sumsq` builds either from all per-sample sums of squares at once.
 
 Scores are returned in float32 whatever the weight's dtype; masks come from :mod:`prune.masks`.
 """
@@ -17,7 +19,41 @@ from torch import Tensor
 
 from prune.masks import check_matrix
 
-_REDUCTIONS = ("wanda", "sum_of_norms")
+# How per-sample sums of squares become one input norm: "wanda" = sqrt(mean_s sumsq[s]) (arXiv
+# 2306.11695), "reference" = sum_s sqrt(sumsq[s]) (the Sink-Aware Pruning public code).
+ACCUMULATIONS = ("wanda", "reference")
+
+
+def check_accumulation(accumulate: str) -> None:
+    """Raise a ValueError naming the valid choices unless ``accumulate`` is one of :data:`ACCUMULATIONS`."""
+    if accumulate not in ACCUMULATIONS:
+        raise ValueError(f"unknown accumulate {accumulate!r}; choose one of {ACCUMULATIONS}")
+
+
+def accumulation_term(sumsq: Tensor, accumulate: str = "wanda") -> Tensor:
+    """What ``(samples, in)`` sums of squares add to a running total: ``Σ_s sumsq`` or ``Σ_s sqrt(sumsq)``.
+
+    Example:
+        >>> accumulation_term(torch.tensor([[1.0, 4.0], [9.0, 4.0]]), "reference").tolist()
+        [4.0, 4.0]
+    """
+    check_accumulation(accumulate)
+    stat = sumsq.detach().to(torch.float32)
+    return stat.sum(dim=0) if accumulate == "wanda" else stat.sqrt().sum(dim=0)
+
+
+def finish_norm(total: Tensor, samples: int | Tensor, accumulate: str = "wanda") -> Tensor:
+    """The input norm from a running total of :func:`accumulation_term` over ``samples`` samples.
+
+    Example:
+        >>> finish_norm(torch.tensor([10.0, 8.0]), 2).tolist()
+        [2.2360680103302, 2.0]
+    """
+    check_accumulation(accumulate)
+    if accumulate == "wanda":
+        count = torch.as_tensor(samples, dtype=torch.float32, device=total.device).clamp(min=1)
+        return (total / count).sqrt()
+    return total
 
 
 def _check_weight(weight: Tensor) -> None:
@@ -114,28 +150,28 @@ def wanda_scaler_to_norm(scaler: Tensor) -> Tensor:
     return scaler.detach().to(torch.float32).sqrt()
 
 
-def act_norm_from_sumsq(sumsq: Tensor, *, reduction: str = "wanda") -> Tensor:
+def act_norm_from_sumsq(sumsq: Tensor, *, accumulate: str = "wanda") -> Tensor:
     """Per-column activation norm from per-sample sums of squares.
 
     ``sumsq[s, j] = sum_t x_tj**2`` over the tokens of sample ``s`` (optionally sink-weighted).
 
     - ``"wanda"``: ``sqrt(mean_s sumsq[s, j])``, Wanda's published statistic.
-    - ``"sum_of_norms"``: ``sum_s sqrt(sumsq[s, j])``, what the Sink-Aware Pruning reference code
+    - ``"reference"``: ``sum_s sqrt(sumsq[s, j])``, what the Sink-Aware Pruning reference code
       accumulates (a sum of L2 norms, not squared, not averaged).
 
     Args:
         sumsq: ``(samples, in_features)`` non-negative per-sample sums of squares.
-        reduction: ``"wanda"`` or ``"sum_of_norms"``.
+        accumulate: one of :data:`ACCUMULATIONS`.
 
     Returns:
         float32 ``(in_features,)`` norm.
 
     Raises:
-        ValueError: On a bad shape, NaN/Inf or negative entries, or an unknown ``reduction``.
+        ValueError: On a bad shape, NaN/Inf or negative entries, or an unknown ``accumulate``.
 
     Example:
         >>> s = torch.tensor([[1.0, 4.0], [9.0, 4.0]])
-        >>> act_norm_from_sumsq(s, reduction="sum_of_norms")
+        >>> act_norm_from_sumsq(s, accumulate="reference")
         tensor([4., 4.])
     """
     _check_statistic(sumsq, "sumsq")
@@ -144,9 +180,5 @@ def act_norm_from_sumsq(sumsq: Tensor, *, reduction: str = "wanda") -> Tensor:
             f"sumsq must be (samples, in_features) with at least one sample, got shape "
             f"{tuple(sumsq.shape)}; unsqueeze(0) a single sample."
         )
-    stat = sumsq.detach().to(torch.float32)
-    if reduction == "wanda":
-        return stat.mean(dim=0).sqrt()
-    if reduction == "sum_of_norms":
-        return stat.sqrt().sum(dim=0)
-    raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(map(repr, _REDUCTIONS))}.")
+    check_accumulation(accumulate)
+    return finish_norm(accumulation_term(sumsq, accumulate), sumsq.shape[0], accumulate)

@@ -113,11 +113,11 @@ def test_act_norm_from_sumsq_matches_direct_computation():
     assert torch.allclose(act_norm_from_sumsq(sumsq), expected_wanda)
     # Reference code: sum over samples of the per-sample L2 norm of each column.
     expected_ref = sum(torch.linalg.vector_norm(xs, dim=0) for xs in x)
-    assert torch.allclose(act_norm_from_sumsq(sumsq, reduction="sum_of_norms"), expected_ref)
+    assert torch.allclose(act_norm_from_sumsq(sumsq, accumulate="reference"), expected_ref)
 
 
 def test_act_norm_from_sumsq_errors():
-    with pytest.raises(ValueError, match="unknown reduction 'l1'"):
-        act_norm_from_sumsq(torch.ones(2, 3), reduction="l1")
+    with pytest.raises(ValueError, match="unknown accumulate 'l1'"):
+        act_norm_from_sumsq(torch.ones(2, 3), accumulate="l1")
     with pytest.raises(ValueError, match=r"\(samples, in_features\)"):
         act_norm_from_sumsq(torch.ones(3))
