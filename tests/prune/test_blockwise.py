@@ -65,7 +65,9 @@ def reference_sequential(model, store, method, sink_aware, pattern="unstructured
     modules = dict(model.named_modules())
     masks = {}
     for block in _blocks(model):
-        linears = {n: m for n, m in modules.items() if n.startswith(block + ".") and isinstance(m, torch.nn.Linear)}
+        linears = {
+            n: m for n, m in modules.items() if n.startswith(block + ".") and isinstance(m, torch.nn.Linear)
+        }
         sumsq = {n: [] for n in linears}
         hessian = {n: 0 for n in linears}
         count = 0
@@ -125,13 +127,18 @@ def test_sequential_masks_equal_the_quadratic_procedure(tmp_path, arch, build, m
     expected = reference_sequential(model, store, method, sink_aware, pattern)
     pruned = copy.deepcopy(model)
     result = prune.apply(
-        pruned, store, 0.5, method=method, sink_aware=sink_aware, pattern=pattern, sequential=True,
-        blocksize=16, progress=False,
+        pruned,
+        store,
+        0.5,
+        method=method,
+        sink_aware=sink_aware,
+        pattern=pattern,
+        sequential=True,
+        blocksize=16,
+        progress=False,
     )
     assert set(result.masks) == set(expected)
     for name, mask in expected.items():
         assert torch.equal(result.masks[name], mask), name
     if sink_aware:  # the reference's weights matter: sinks were down-weighted somewhere
-        assert any(
-            (_sink_weights(store, s, True) < 0.5).any() for s in range(store.num_steps)
-        )
+        assert any((_sink_weights(store, s, True) < 0.5).any() for s in range(store.num_steps))

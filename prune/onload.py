@@ -1,0 +1,114 @@
+"""Move parts of a model between devices, and nested inputs with them.
+
+Onloading (``prune.apply(..., sequential=True, device="cuda:0")``) keeps the model where it lives (the
+CPU) and brings one block at a time to the device: :func:`onloaded` moves every parameter and buffer of
+the given modules, except those under ``exclude``, and puts each back on its own original device when
+the block is done. Parameters keep their identity (``param.data`` is swapped), so optimizer-free
+references such as tied embeddings and the caller's dict of linears stay valid.
+
+Weights that accelerate has offloaded (meta tensors whose values live in a hook's weights map) cannot
+be moved or pruned here: :func:`check_materialized` refuses them with a pointer to ``device=``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def to_device(value: Any, device: torch.device | str | None) -> Any:
+    """``value`` with every tensor inside (tuples, lists, dicts) moved to ``device``; None = unchanged."""
+    if device is None:
+        return value
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _tensors(modules: Iterable[nn.Module], exclude: Iterable[nn.Module]):
+    """(owner, name, tensor, is_parameter) of every parameter and buffer, each once, outside ``exclude``."""
+    skip = {id(m) for root in exclude for m in root.modules()}
+    seen: set[int] = set()
+    for root in modules:
+        for module in root.modules():
+            if id(module) in skip:
+                continue
+            for name, param in module.named_parameters(recurse=False):
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield module, name, param, True
+            for name, buf in module.named_buffers(recurse=False):
+                if buf is not None and id(buf) not in seen:
+                    seen.add(id(buf))
+                    yield module, name, buf, False
+
+
+@contextmanager
+def onloaded(
+    modules: nn.Module | Iterable[nn.Module],
+    device: torch.device | str | None,
+    *,
+    exclude: Iterable[nn.Module] = (),
+) -> Iterator[None]:
+    """Within the block, the parameters and buffers of ``modules`` (minus ``exclude``) live on ``device``.
+
+    Each tensor returns to its own original device on exit (also after an error), with whatever values
+    it was given meanwhile (pruned weights). ``device=None`` moves nothing.
+    """
+    if device is None:
+        yield
+        return
+    modules = [modules] if isinstance(modules, nn.Module) else list(modules)
+    moved: list[tuple[nn.Module, str, Tensor, bool, torch.device]] = []
+    try:
+        for module, name, tensor, is_param in _tensors(modules, list(exclude)):
+            original = tensor.device
+            if original == torch.device(device):
+                continue
+            if is_param:
+                tensor.data = tensor.data.to(device)
+                moved.append((module, name, tensor, True, original))
+            else:
+                setattr(module, name, tensor.to(device))
+                moved.append((module, name, getattr(module, name), False, original))
+        yield
+    finally:
+        for module, name, tensor, is_param, original in reversed(moved):
+            if is_param:
+                tensor.data = tensor.data.to(original)
+            else:
+                setattr(module, name, getattr(module, name).to(original))
+
+
+def check_materialized(linears: dict[str, nn.Module]) -> None:
+    """Refuse linears whose weights are not real tensors (accelerate's offloading leaves meta ones)."""
+    offloaded = [name for name, m in linears.items() if m.weight.is_meta]
+    if offloaded:
+        raise ValueError(
+            f"{len(offloaded)} linear weights (e.g. {offloaded[0]}) are on the meta device: accelerate has "
+            "offloaded them (device_map with 'cpu'/'disk' offload, or cpu_offload), so their values live "
+            "in its hooks and cannot be pruned in place. Load the model on the CPU without offloading "
+            "(device_map=None or device_map='cpu') and let prune onload it block by block: "
+            "prune.apply(model, store, sparsity, sequential=True, device='cuda:0')."
+        )
+
+
+def block_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: accelerate's execution device if it set one, else its first weight's."""
+    hook = getattr(module, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is not None:
+        return torch.device(execution if not isinstance(execution, int) else f"cuda:{execution}")
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
