@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,6 +20,8 @@ from torch import Tensor, nn
 
 import attnprobe
 from attnprobe import Recording, TrajectoryStore, fingerprint_problems
+from prune import coverage as coverage_mod
+from prune import experts as experts_mod
 from prune import masks as masks_mod
 from prune.distributed import plan_linears
 from prune.io import shown
@@ -45,6 +47,8 @@ class PruneResult:
         weights: for SparseGPT, the reconstructed kept weights ``{name: Tensor}`` (CPU), since the
             mask alone does not reproduce them.
         plan: for ``pattern="structured"``, the structured plan that was applied.
+        coverage: per block, the fraction of its weights considered, the achieved sparsity (zeros over
+            all its weights) and what was left out, and why (:mod:`prune.coverage`).
     """
 
     masks: dict[str, Tensor]
@@ -52,6 +56,7 @@ class PruneResult:
     settings: dict[str, Any]
     weights: dict[str, Tensor] = field(default_factory=dict)
     plan: Any = None
+    coverage: Any = None
 
 
 def _select_linears(model: nn.Module, store, targets: str | None, ignore: str | None) -> dict[str, nn.Linear]:
@@ -258,6 +263,7 @@ def apply(
     allow_other_weights: bool = False,
     device: torch.device | str | None = None,
     offload_device: torch.device | str = "cpu",
+    strict: bool = False,
     progress: bool = True,
 ) -> PruneResult:
     """Prune ``model`` in place from a calibration store.
@@ -297,6 +303,8 @@ def apply(
             for embedding the inputs, the rest of the model) visits ``device`` in turn, so the device
             holds one block's weights, statistics and activations, never the whole model.
         offload_device: where block inputs are cached between blocks (``sequential=True``).
+        strict: raise instead of warning when a weight-bearing block parameter has no adapter and so
+            would stay dense (:mod:`prune.coverage`); routers and the user's exclusions never warn.
         progress: show progress bars.
 
     Returns:
@@ -349,12 +357,18 @@ def apply(
         )
     linears = _select_linears(model, store, targets, ignore)
     check_materialized(linears)
+    # Mixture-of-experts: fused expert slices join the selection, routers leave it (prune.experts).
+    linears, fallbacks = experts_mod.select(model, linears, store, method, targets, ignore)
+    left_out = coverage_mod.check_selection(model, linears, strict=strict)
     how = _Selection(method, float(sparsity), kind, n, m, blocksize, percdamp)
     if sequential:
+        experts_mod.refuse_sequential(model, linears, method)
         onload = (device, offload_device)
-        return _apply_sequential(
+        result = _apply_sequential(
             model, store, linears, meta, how, sink_aware, settings, accumulate, progress, onload
         )
+        result.coverage = coverage_mod.report_selection(model, result.masks, left_out)
+        return result
     if device is not None:
         raise ValueError(
             f"device={device!r} onloads blocks one at a time, which only sequential pruning does; pass "
@@ -366,17 +380,23 @@ def apply(
         norms = activation_norms(store, sink_aware=sink_aware, settings=settings, accumulate=accumulate)
     elif method == "sparsegpt":
         hessians = _hessians_from_store(store, sink_aware, settings)
+    fallback = replace(how, method="magnitude")  # experts no calibration token was routed to
     # In a process group each rank plans a share of the linears and receives the rest (prune.distributed).
     plan, rows = plan_linears(
         linears,
-        lambda name, module: _plan_linear(name, module, how, norms.get(name), hessians.get(name)),
+        lambda name, module: _plan_linear(
+            name, module, fallback if name in fallbacks else how, norms.get(name), hessians.get(name)
+        ),
         method=method,
         progress=progress,
     )
     # Every mask exists: only now touch the weights.
     for name, (mask, new_weight) in plan.items():
         _write(linears[name], mask, new_weight)
-    return _result(plan, rows, meta)
+    result = _result(plan, rows, meta)
+    experts_mod.annotate(result.report, fallbacks)
+    result.coverage = coverage_mod.report_selection(model, plan, left_out)
+    return result
 
 
 def _write(module: nn.Linear, mask: Tensor, new_weight: Tensor | None) -> None:
