@@ -7,7 +7,7 @@ Example:
     >>> attnprobe.open("runs/gen").attention_mass(0).shape                        # doctest: +SKIP
 """
 
-from attnprobe import sinks, trajectory
+from attnprobe import distributed, sinks, trajectory
 from attnprobe.calibrate import calibrate
 from attnprobe.experts import ExpertSet, discover_experts, expert_weight
 from attnprobe.fingerprint import fingerprint_problems, model_fingerprint
@@ -15,6 +15,7 @@ from attnprobe.linear_stats import reduce_inputs
 from attnprobe.record import Recording, record
 from attnprobe.registry import ModelLayout, discover
 from attnprobe.sampler import generate
+from attnprobe.shards import ShardedStore
 from attnprobe.store import StoreError, TrajectoryStore
 from attnprobe.store import open_store as open
 
@@ -25,10 +26,12 @@ __all__ = [
     "ExpertSet",
     "ModelLayout",
     "Recording",
+    "ShardedStore",
     "StoreError",
     "TrajectoryStore",
     "calibrate",
     "discover",
+    "distributed",
     "discover_experts",
     "expert_weight",
     "fingerprint_problems",

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from attnprobe import fingerprint_problems
+from attnprobe import expert_weight, fingerprint_problems
 from attnprobe import model_fingerprint as _fingerprint
 
 FORMAT_VERSION = 1
@@ -211,12 +211,12 @@ def load_masks(
     stored = header.get("fingerprint")
     if check_fingerprint and stored is not None:
         problems.extend(_fingerprint_problems(model, stored, masks, weights, allow_other_weights))
+    targets = {name: expert_weight(model, name) for name in masks}  # a linear's, or one expert slice
     for name, mask in masks.items():
-        module = modules.get(name)
-        if not isinstance(module, nn.Linear):
-            problems.append(f"{name}: no such nn.Linear in the model")
-        elif tuple(module.weight.shape) != tuple(mask.shape):
-            problems.append(f"{name}: mask {tuple(mask.shape)} vs weight {tuple(module.weight.shape)}")
+        if targets[name] is None:
+            problems.append(f"{name}: no such nn.Linear (or expert slice <experts>.<param>.<e>) in the model")
+        elif tuple(targets[name].shape) != tuple(mask.shape):
+            problems.append(f"{name}: mask {tuple(mask.shape)} vs weight {tuple(targets[name].shape)}")
     for name, weight in weights.items():
         if name not in masks:
             problems.append(f"{name}: stored weight without a mask")
@@ -226,7 +226,7 @@ def load_masks(
             "into the dense model they were made from (or pass check_fingerprint=False to skip the check)."
         )
     for name, mask in masks.items():
-        weight = modules[name].weight
+        weight = targets[name]
         if name in weights:
             weight.copy_(weights[name].to(weight.device, weight.dtype))
         weight.mul_(mask.to(weight.device, weight.dtype))

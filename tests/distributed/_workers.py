@@ -1,0 +1,86 @@
+"""Process-group workers for the distributed tests (importable by spawned processes; not collected).
+
+Each worker joins a gloo group through a file:// rendezvous in the test's temporary directory (no
+ports), runs the public API exactly as a ``torchrun`` script would, and saves what it saw.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+
+import attnprobe
+import prune
+from tests import models
+
+WINDOWS, TOKENS = 6, 32
+CALIBRATION = dict(mask_token_id=models.MASK_TOKEN_ID, steps=4, sample_interval=2, batch_size=1, seed=3)
+CASES = {
+    "wanda": dict(method="wanda"),
+    "wanda_sink": dict(method="wanda", sink_aware=True),
+    "sparsegpt": dict(method="sparsegpt"),
+    "sparsegpt_sink": dict(method="sparsegpt", sink_aware=True),
+}
+
+
+def windows() -> torch.Tensor:
+    return torch.randint(0, 60, (WINDOWS, TOKENS), generator=torch.Generator().manual_seed(11))
+
+
+def model():
+    return models.llama_bidirectional(seed=0)
+
+
+def join(rank: int, world: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{Path(tmp) / 'rendezvous'}", rank=rank, world_size=world
+    )
+
+
+def calibrate_into(net, path: Path, **record_options):
+    with attnprobe.record(net, path, hessians=True, **record_options) as store:
+        attnprobe.calibrate(net, windows(), progress=False, **CALIBRATION)
+    return store
+
+
+def prune_cases(net, store) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    out = {}
+    for case, options in CASES.items():
+        pruned = copy.deepcopy(net)
+        result = prune.apply(pruned, store, 0.5, progress=False, **options)
+        weights = {n: m.weight.detach().clone() for n, m in pruned.named_modules() if n in result.masks}
+        out[case] = {"masks": result.masks, "weights": weights}
+    return out
+
+
+def parity(rank: int, world: int, tmp: str) -> None:
+    """Record into a sharded store, prune every case, save masks and weights of this rank."""
+    join(rank, world, tmp)
+    net = model()
+    store = calibrate_into(net, Path(tmp) / "sharded")
+    seen = {"num_steps": store.num_steps, "type": type(store.store).__name__}
+    results = prune_cases(net, store)
+    torch.save({"seen": seen, "results": results}, Path(tmp) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def killed(rank: int, world: int, tmp: str) -> None:
+    """Rank 1 dies (no cleanup, as with SIGKILL) in its third forward; rank 0 finishes its shard."""
+    join(rank, world, tmp)
+    net = model()
+    if rank == 1:
+        calls = []
+
+        def die(module, args):
+            calls.append(1)
+            if len(calls) == 3:
+                os._exit(17)
+
+        net.register_forward_pre_hook(die)
+    calibrate_into(net, Path(tmp) / "sharded")
+    # Not destroy_process_group(): it would wait for the dead peer.
+    os._exit(0)
