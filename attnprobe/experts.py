@@ -185,21 +185,27 @@ def discover_experts(model: nn.Module, blocks: list[str] | tuple[str, ...] | Non
     return found
 
 
-def expert_weight(model: nn.Module, name: str) -> Tensor | None:
+def expert_weight(model: nn.Module, name: str, modules: dict[str, nn.Module] | None = None) -> Tensor | None:
     """The (out, in) weight called ``name``: an ``nn.Linear``'s, or a view of one fused expert slice.
+
+    Args:
+        model: the model.
+        name: a linear's name or ``<experts>.<param>.<e>``.
+        modules: ``dict(model.named_modules())`` when resolving many names.
 
     Example:
         >>> expert_weight(model, "model.layers.0.mlp.experts.down_proj.3").shape   # doctest: +SKIP
         torch.Size([32, 16])
     """
+    modules = modules if modules is not None else dict(model.named_modules())
     owner, _, last = name.rpartition(".")
     if last.isdigit():
         module_name, _, param = owner.rpartition(".")
-        module = dict(model.named_modules()).get(module_name)
+        module = modules.get(module_name)
         tensor = getattr(module, param, None) if module is not None else None
         if isinstance(tensor, nn.Parameter) and tensor.dim() == 3 and int(last) < tensor.shape[0]:
             return tensor[int(last)]
-    module = dict(model.named_modules()).get(name)
+    module = modules.get(name)
     return module.weight if isinstance(module, nn.Linear) else None
 
 

@@ -211,7 +211,7 @@ def load_masks(
     stored = header.get("fingerprint")
     if check_fingerprint and stored is not None:
         problems.extend(_fingerprint_problems(model, stored, masks, weights, allow_other_weights))
-    targets = {name: expert_weight(model, name) for name in masks}  # a linear's, or one expert slice
+    targets = {name: expert_weight(model, name, modules) for name in masks}  # a linear's, or an expert slice
     for name, mask in masks.items():
         if targets[name] is None:
             problems.append(f"{name}: no such nn.Linear (or expert slice <experts>.<param>.<e>) in the model")
