@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from attnprobe import discover
+from attnprobe import discover, discover_experts
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +229,7 @@ def find_structures(model: nn.Module) -> list[AttentionSpec | MlpSpec]:
     except ValueError:
         attention = ()
     missing = [name for name in attention if name not in covered]
+    _refuse_fused_and_moe(model, modules, missing)
     if missing or not specs:
         where = f"{missing[0]!r} ({type(modules[missing[0]]).__name__})" if missing else type(model).__name__
         raise ValueError(
@@ -237,6 +238,30 @@ def find_structures(model: nn.Module) -> list[AttentionSpec | MlpSpec]:
             "Use unstructured or N:M pruning for this model."
         )
     return specs
+
+
+_FUSED_QKV = ("query_key_value", "qkv_proj", "Wqkv", "wqkv", "c_attn", "att_proj")
+
+
+def _refuse_fused_and_moe(model: nn.Module, modules: dict[str, nn.Module], missing: list[str]) -> None:
+    """Name the two layouts structured pruning cannot change: fused q/k/v projections and routed experts."""
+    for name in missing:
+        fused = next((c for c in _FUSED_QKV if isinstance(getattr(modules[name], c, None), nn.Module)), None)
+        if fused is not None:
+            raise ValueError(
+                f"Structured pruning cannot remove heads of {name!r} ({type(modules[name]).__name__}): its "
+                f"queries, keys and values come from one fused projection {fused!r} (LLaDA2.0's "
+                "query_key_value has (heads + 2·kv_heads)·head_dim outputs), which no adapter slices. "
+                "Prune this model unstructured or N:M: the fused projection is an ordinary linear there. "
+                f"Supported classes: {', '.join(SUPPORTED_CLASSES)}."
+            )
+    experts = discover_experts(model)
+    if experts:
+        raise ValueError(
+            f"Structured pruning does not change expert widths of mixture-of-experts layers "
+            f"({experts[0].name}, {len(experts)} layers). Prune this model unstructured or N:M, which "
+            "prunes every expert slice (docs/PRUNING.md, 'Mixture-of-experts models')."
+        )
 
 
 # ------------------------------------------------------------------------------------------------
