@@ -98,10 +98,10 @@ class BlockStatistics:
 
     Example:
         >>> stats = BlockStatistics({"q": q, "k": k}, "sumsq")                     # doctest: +SKIP
-        >>> with stats.hooks():
+        >>> with stats.hooks():  # doctest: +SKIP
         ...     for x, w in steps:
         ...         stats.begin_step(w); block(x)
-        >>> stats.of("k").norm()
+        >>> stats.of("k").norm()  # doctest: +SKIP
     """
 
     def __init__(self, linears: dict[str, nn.Module], kind: str) -> None:

@@ -279,10 +279,10 @@ def evaluate(
 
     Example:
         >>> import prune                                                          # doctest: +SKIP
-        >>> ids = heldout_ids[:, :512]          # (N, 512) token ids, no padding
-        >>> prune.evaluate(model, ids, mask_token_id=126336, num_samples=32).nll
-        >>> prune.evaluate(model, ids, estimator="llada", prompt_length=128)      # conditional NLL
-        >>> prune.evaluate(causal_model, ids)                                     # estimator "ar"
+        >>> ids = heldout_ids[:, :512]  # (N, 512) token ids, no padding          # doctest: +SKIP
+        >>> prune.evaluate(model, ids, mask_token_id=126336, num_samples=32).nll  # doctest: +SKIP
+        >>> prune.evaluate(model, ids, estimator="llada", prompt_length=128)     # doctest: +SKIP
+        >>> prune.evaluate(causal_model, ids)  # estimator "ar"                   # doctest: +SKIP
     """
     if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
