@@ -52,8 +52,12 @@ def reduce_inputs(
         ([[3.0, 3.0]], [[0.75, 0.75]])
     """
     batch, tokens, width = x.shape
+    # valid, weights and candidates come from the step (the input ids' device, or the device where the
+    # layers' masses were summed); x from this layer, which for a dispatched model may be elsewhere.
+    valid, candidates = valid.to(x.device), candidates.to(x.device)
+    weights = weights.to(device=x.device, dtype=torch.float32)
     keep = valid.to(torch.float32)  # (batch, tokens)
-    w2 = weights.to(torch.float32).square() * keep
+    w2 = weights.square() * keep
     sumsq = x.new_zeros((batch, width), dtype=torch.float32)
     wsumsq = torch.zeros_like(sumsq)
     out: dict[str, Tensor] = {}
@@ -70,7 +74,7 @@ def reduce_inputs(
         if hessians:
             rows = (xb * keep[b0 : b0 + step, :, None]).reshape(-1, width)
             out["plain"].addmm_(rows.T, rows)
-            wrows = xb * (weights[b0 : b0 + step].to(torch.float32) * keep[b0 : b0 + step])[..., None]
+            wrows = xb * (weights[b0 : b0 + step] * keep[b0 : b0 + step])[..., None]
             wrows = wrows.reshape(-1, width)
             out["weighted"].addmm_(wrows.T, wrows)
     out["sumsq"] = sumsq

@@ -491,7 +491,9 @@ class Recording:
             max_chunk_bytes=self.max_chunk_bytes,
         )
         if valid is not None and tuple(valid.shape) == (batch, keys):
-            mass = mass * valid[:, None, :]  # padding keys get no mass, even if the model let them
+            # padding keys get no mass, even if the model let them; valid lives with the input ids, not
+            # necessarily on this layer's device (a model dispatched over several devices)
+            mass = mass * valid.to(mass.device)[:, None, :]
         if layer in forward.mass:  # a layer called twice in one forward adds up
             forward.mass[layer] = forward.mass[layer] + mass
         else:
@@ -649,7 +651,8 @@ class Recording:
         for group, parts in step_hessians.items():
             acc = self._hessians.setdefault(group, {})
             for key, value in parts.items():
-                acc[key] = acc[key] + value if key in acc else value
+                # an appended session starts from the stored (CPU) Hessians: add on this group's device
+                acc[key] = acc[key].to(value.device) + value if key in acc else value
 
     def _step_statistics(
         self, forwards: list[_Forward], layers: list[str], valid: Tensor, tensors: dict[str, Tensor]

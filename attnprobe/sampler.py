@@ -51,13 +51,20 @@ def transfer_schedule(masked_count: Tensor, steps: int) -> Tensor:
     return base + (torch.arange(steps, device=masked_count.device)[None, :] < remainder).long()
 
 
+def _uniform(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """float64 uniform draws on ``device``, drawn where the generator lives (a CPU generator with CUDA
+    logits draws on the CPU, so a seed gives the same samples on every device)."""
+    source = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=source, dtype=torch.float64).to(device)
+
+
 def _candidates(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
     """Argmax token, with Gumbel-max sampling (noise in float64) when ``temperature > 0``."""
     if temperature == 0:
         return logits.argmax(-1)
     # Gumbel-max: argmax(l / T + g) with g = -log(-log u) samples softmax(l / T). float64 keeps the
     # noise from collapsing ties in low-precision logits, as in LLaDA's add_gumbel_noise.
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+    u = _uniform(logits.shape, generator, logits.device)
     gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)))
     return (logits.double() / temperature + gumbel).argmax(-1)
 
@@ -171,7 +178,7 @@ def generate(
                 probs = torch.softmax(logits.double(), dim=-1)
                 confidence = probs.gather(-1, candidate[..., None]).squeeze(-1)
             else:
-                confidence = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
+                confidence = _uniform(x.shape, generator, device)
             confidence = confidence.masked_fill(~open_, float("-inf"))
             # Reveal the k most confident open positions of each row (k varies by row).
             order = confidence.argsort(dim=1, descending=True, stable=True)

@@ -79,7 +79,8 @@ def step_mass(layer_masses: Iterable[Tensor], tokens: int) -> Tensor | None:
         tokens: the step's sequence length.
 
     Returns:
-        float32 ``(batch, tokens)``, or None when no layer attends over the step's tokens.
+        float32 ``(batch, tokens)`` on the first such layer's device (layers of a model dispatched
+        over several devices are summed there), or None when no layer attends over the step's tokens.
 
     Example:
         >>> step_mass([torch.ones(1, 2, 3), torch.ones(1, 2, 4)], 3).tolist()
@@ -88,7 +89,7 @@ def step_mass(layer_masses: Iterable[Tensor], tokens: int) -> Tensor | None:
     total = None
     for mass in layer_masses:
         if mass.shape[-1] == tokens:
-            total = total_mass(mass) if total is None else total + total_mass(mass)
+            total = total_mass(mass) if total is None else total + total_mass(mass).to(total.device)
     return total
 
 
