@@ -341,7 +341,7 @@ def llada2_style(seed: int = 0, *, fused: bool = False, **overrides: Any) -> Moe
     def factory() -> MoeStandIn:
         model = MoeStandIn(config, "llada2-fused" if fused else "llada2")
         for layer in model.model.layers:
-            layer.mlp.gate.expert_bias.copy_(torch.linspace(-0.3, 0.3, config.num_experts))
+            layer.mlp.gate.expert_bias.copy_(torch.linspace(-0.02, 0.02, config.num_experts))
         return model
 
     return _build(factory, seed)
