@@ -158,6 +158,10 @@ class ShardedStore(TrajectoryStore):
         return self._merged("options")
 
     @property
+    def layers(self) -> list[str]:
+        return list(self.fingerprint.get("layers") or [])
+
+    @property
     def schema_version(self) -> int:
         return SHARDED_SCHEMA_VERSION
 

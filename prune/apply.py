@@ -23,7 +23,7 @@ from attnprobe import Recording, TrajectoryStore, fingerprint_problems
 from prune import coverage as coverage_mod
 from prune import experts as experts_mod
 from prune import masks as masks_mod
-from prune.distributed import plan_linears
+from prune.distributed import plan_linears, share_steps
 from prune.io import shown
 from prune.onload import check_materialized
 from prune.sparsegpt import sparsegpt_prune
@@ -237,7 +237,10 @@ def _plan_linear(
         )
         pattern = "unstructured" if how.kind == masks_mod.UNSTRUCTURED else f"{how.n}:{how.m}"
         mask = masks_mod.select_mask(scores, pattern, how.sparsity)
-    return mask, new_weight, _report_row(name, module, mask, time.perf_counter() - start)
+    row = _report_row(name, module, mask, time.perf_counter() - start)
+    # One-shot planning holds every linear's plan until all exist: keep them on the host, not the device
+    # (SparseGPT's new weights of an 8B model would be a second copy of it there).
+    return mask.cpu(), None if new_weight is None else new_weight.cpu(), row
 
 
 @torch.no_grad()
@@ -438,6 +441,7 @@ def _apply_sequential(
     statistic = {"wanda": "sumsq" if accumulate == "wanda" else "norms", "sparsegpt": "hessian"}
     statistic = statistic.get(how.method)
     steps = steps_from_store(store, settings if sink_aware else None) if statistic else []
+    steps, finish_statistics = share_steps(steps)  # process group: each rank a share, sums all-reduced
     backup: dict[str, Tensor] = {}  # original weights of the blocks pruned so far, on offload_device
     plan: dict[str, tuple[Tensor, Tensor | None]] = {}
     rows = []
@@ -470,6 +474,7 @@ def _apply_sequential(
             statistic=statistic,
             device=device,
             offload_device=offload_device,
+            finish_statistics=finish_statistics,
             progress=progress,
         )
     except BaseException:

@@ -7,13 +7,20 @@ rank (longest-processing-time scheduling). Then, for every linear in order, its 
 mask (and SparseGPT's reconstructed weight), so every rank ends with the same plan and writes the
 same pruned model. A failure on any rank is raised on every rank before any weight changes.
 Without a process group (or with one rank) this is the plain loop.
+
+Block-wise sequential pruning (:mod:`prune.blockwise`) is data-parallel instead, as llm-compressor's
+sequential pipeline is: :func:`share_steps` gives each rank the contiguous share of the calibration
+steps that :func:`attnprobe.distributed.shard_range` names, every rank runs each block over its share,
+and :func:`all_reduce_block_statistics` (the engine's per-block hook) sums the block's statistics
+over the ranks before the block is pruned. The sums are identical on every rank, so every rank
+plans and writes the same masks.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +29,9 @@ from tqdm.auto import tqdm
 from attnprobe import distributed
 
 Plan = dict[str, tuple[Tensor, Tensor | None]]
+if TYPE_CHECKING:
+    from prune.block_stats import BlockStatistics
+
 PlanOne = Callable[[str, nn.Linear], tuple[Tensor, Tensor | None, dict[str, Any]]]
 
 
@@ -100,3 +110,32 @@ def plan_linears(
         plan[name] = mine[name] if owner == me else (mask, new_weight)
     return plan, [rows_by_name[name] for name in linears]
 
+
+
+def all_reduce_block_statistics(stats: BlockStatistics) -> BlockStatistics:
+    """Sum one block's statistics over the ranks, in place (every accumulator is a plain sum).
+
+    Every rank must call it for the same block; ranks that saw different input groups or shapes
+    are refused on every rank before any tensor moves (a mismatch would hang or mix the sums).
+    """
+    layout = [(name, list(g.members), tuple(g.total.shape)) for name, g in stats.groups.items()]
+    distributed.check_agreement(
+        layout, "the block's input groups (name, members, shape)",
+        "Every rank must run the same model over its share of the same calibration store.",
+    )
+    for tensor in stats.tensors():
+        distributed.all_reduce_sum_(tensor)
+    return stats
+
+
+def share_steps(steps: list) -> tuple[list, Callable | None]:
+    """This rank's share of the calibration steps and the statistics hook that combines the shares.
+
+    Without a process group, or with fewer steps than ranks (a rank would see no input at all), every
+    rank keeps every step and nothing is combined: the result is the same, only slower.
+    """
+    world = distributed.world_size()
+    if world == 1 or len(steps) < world:
+        return steps, None
+    share = distributed.shard_range(len(steps))
+    return steps[share.start : share.stop], all_reduce_block_statistics

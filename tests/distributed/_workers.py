@@ -23,6 +23,10 @@ CASES = {
     "wanda_sink": dict(method="wanda", sink_aware=True),
     "sparsegpt": dict(method="sparsegpt"),
     "sparsegpt_sink": dict(method="sparsegpt", sink_aware=True),
+    # block-wise sequential: each rank runs its share of the steps, block statistics all-reduced
+    "wanda_seq": dict(method="wanda", sequential=True),
+    "wanda_sink_seq": dict(method="wanda", sink_aware=True, sequential=True),
+    "sparsegpt_seq": dict(method="sparsegpt", sequential=True),
 }
 
 

@@ -85,6 +85,8 @@ def test_sharded_store_reads_as_the_single_one(runs):
     sharded, single = runs["sharded"], runs["single"]
     assert isinstance(sharded, attnprobe.ShardedStore) and sharded.world_size == WORLD
     assert [s["num_steps"] for s in sharded.shards] == [6, 6]
+    assert sharded.layers == single.layers and len(single.layers) == 2
+    assert sharded.fingerprint == single.fingerprint and sharded.options == single.options
     assert sharded.num_steps == single.num_steps == _workers.WINDOWS * 2
     assert [seen["seen"]["num_steps"] for seen in runs["ranks"]] == [12, 12]  # whole store on every rank
     for step in range(single.num_steps):
@@ -106,7 +108,7 @@ def test_sharded_store_reads_as_the_single_one(runs):
     assert table.groupby("rank").step.unique().map(sorted).tolist() == [list(range(6)), list(range(6, 12))]
 
 
-@pytest.mark.parametrize("case", ["wanda", "wanda_sink"])
+@pytest.mark.parametrize("case", ["wanda", "wanda_sink", "wanda_seq", "wanda_sink_seq"])
 def test_wanda_masks_match_one_process(runs, case):
     reference = runs["reference"][case]["masks"]
     rank0, rank1 = (r["results"][case]["masks"] for r in runs["ranks"])
@@ -119,12 +121,12 @@ def test_wanda_masks_match_one_process(runs, case):
     assert agree / total >= 0.9999
 
 
-@pytest.mark.parametrize("case", ["sparsegpt", "sparsegpt_sink"])
+@pytest.mark.parametrize("case", ["sparsegpt", "sparsegpt_sink", "sparsegpt_seq"])
 def test_sparsegpt_layer_error_matches_one_process(runs, case):
     dense = dict(runs["model"].named_modules())
     hessians = runs["single"].hessians()
     groups = runs["single"].linear_groups(0)
-    key = "weighted" if case.endswith("sink") else "plain"
+    key = "weighted" if "sink" in case else "plain"
     rank0, rank1 = (r["results"][case]["weights"] for r in runs["ranks"])
     reference = runs["reference"][case]["weights"]
     for group, names in groups.items():
