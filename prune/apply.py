@@ -358,7 +358,12 @@ def apply(
         return _apply_structured(
             model, store, sparsity, sink_aware, settings, accumulate, structured_mode, meta
         )
-    linears = _select_linears(model, store, targets, ignore)
+    try:
+        linears = _select_linears(model, store, targets, ignore)
+    except ValueError:
+        if not experts_mod.fused_selected(model, targets, ignore):  # targets= may name only fused experts
+            raise
+        linears = {}
     check_materialized(linears)
     # Mixture-of-experts: fused expert slices join the selection, routers leave it (prune.experts).
     linears, fallbacks = experts_mod.select(model, linears, store, method, targets, ignore)

@@ -9,8 +9,9 @@ its weights stay dense. So, per block (the repeated unit that holds an attention
 - ``considered``: the fraction of those weights that the run selected for pruning;
 - ``sparsity``: zeros over *all* of those weights after the run, not a mean of per-linear figures;
 - ``left_out``: every weight-bearing parameter (or part of one) not selected, with the reason:
-  ``router`` (routers are pruned only when ``targets=`` names them), ``excluded`` (the user's
-  ``targets=`` / ``ignore=``), or ``no adapter`` (nothing in attnprobe/prune knows how to prune it).
+  ``router`` (kept dense; a router that is an ``nn.Linear`` is pruned when ``targets=`` names it),
+  ``excluded`` (the user's ``targets=`` / ``ignore=``), or ``no adapter`` (nothing in attnprobe/prune
+  knows how to prune it).
 
 Parameters left out with ``no adapter`` were left out by no choice of the user's: :func:`check`
 warns, listing them, and with ``strict=True`` raises before any weight changes.
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from attnprobe import discover
 
-ROUTER = "router (pruned only when targets= names it)"
+ROUTER = "router: kept dense (an nn.Linear router is pruned when targets= names it)"
 EXCLUDED = "excluded by targets=/ignore="
 NO_ADAPTER = "no adapter: attnprobe cannot prune it"
 

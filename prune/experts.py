@@ -65,6 +65,12 @@ def fused_slices(model: nn.Module, sets: list[ExpertSet]) -> dict[str, SliceView
     return out
 
 
+def fused_selected(model: nn.Module, targets: str | None, ignore: str | None) -> bool:
+    """Whether ``targets``/``ignore`` select any fused expert slice."""
+    slices = fused_slices(model, model_experts(model))
+    return any(_matches(name, targets, ignore) for name in slices)
+
+
 def router_names(sets: list[ExpertSet]) -> set[str]:
     return {es.router for es in sets if es.router}
 
