@@ -71,7 +71,7 @@ class ExpertSet:
         name: the experts module (fused) or ``nn.ModuleList`` name.
         adapter: key into :data:`ADAPTERS`.
         num_experts, hidden: E and the input width H.
-        router: the router module's name (its weight is not an expert weight), or None.
+        router: the router module's name (its weights are not expert weights), or None.
         capture: the module hooked to read hidden states and routing.
         top_k: experts per token when the router returns only logits, else None.
     """
@@ -107,10 +107,13 @@ class ExpertSet:
 
 
 def _router_of(parent: nn.Module, parent_name: str, num_experts: int, hidden: int) -> str | None:
+    """The sibling ``gate``/``router`` with an (E, H) weight, its own or a child's (``router.proj``)."""
     for child in _ROUTER_NAMES:
         module = getattr(parent, child, None)
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, Tensor) and tuple(weight.shape) == (num_experts, hidden):
+        if not isinstance(module, nn.Module):
+            continue
+        weights = [p for _, p in module.named_parameters() if p.dim() == 2]
+        if any(tuple(w.shape) == (num_experts, hidden) for w in weights):
             return f"{parent_name}.{child}" if parent_name else child
     return None
 

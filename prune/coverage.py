@@ -109,7 +109,7 @@ def check(
             if picked is not None:  # part of a fused parameter
                 missing = (~picked).nonzero().flatten().tolist()
                 label = f"{name}[experts {missing}]"
-            if name.rsplit(".", 1)[0] in routers:
+            if any(name.startswith(r + ".") for r in routers):
                 left[label] = ROUTER
             elif name in selectable_params:
                 left[label] = EXCLUDED

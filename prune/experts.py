@@ -75,6 +75,10 @@ def router_names(sets: list[ExpertSet]) -> set[str]:
     return {es.router for es in sets if es.router}
 
 
+def _under(name: str, owners: set[str]) -> bool:
+    return any(name == o or name.startswith(o + ".") for o in owners)
+
+
 def _matches(name: str, targets: str | None, ignore: str | None) -> bool:
     if targets is not None and not re.fullmatch(targets, name):
         return False
@@ -129,7 +133,7 @@ def select(
         check_store(model, store, sets)
     routers = router_names(sets)
     chosen: dict[str, nn.Module | SliceView] = {
-        n: m for n, m in linears.items() if n not in routers or targets is not None
+        n: m for n, m in linears.items() if targets is not None or not _under(n, routers)
     }
     chosen.update({n: v for n, v in fused_slices(model, sets).items() if _matches(n, targets, ignore)})
     notes = {}
