@@ -6,10 +6,23 @@ Example:
     ...     attnprobe.calibrate(model, ids, mask_token_id=126336)
     >>> result = prune.apply(model, store, 0.5, method="wanda", sink_aware=True)   # doctest: +SKIP
     >>> prune.save_masks(result.masks, "masks.safetensors", model=model)           # doctest: +SKIP
+    >>> prune.save_pretrained(model, "pruned", result, tokenizer=tokenizer)         # doctest: +SKIP
+
+The lm-eval model ``attnprobe`` lives in ``prune.harness`` (optional extra ``eval``; not imported here).
 """
 
 from prune.apply import METHODS, PruneResult, apply
+from prune.checkpoint import save_pretrained
 from prune.evaluate import EvalResult, evaluate
 from prune.io import load_masks, save_masks
 
-__all__ = ["METHODS", "EvalResult", "PruneResult", "apply", "evaluate", "load_masks", "save_masks"]
+__all__ = [
+    "METHODS",
+    "EvalResult",
+    "PruneResult",
+    "apply",
+    "evaluate",
+    "load_masks",
+    "save_masks",
+    "save_pretrained",
+]
