@@ -7,7 +7,7 @@ Example:
     >>> attnprobe.open("runs/gen").attention_mass(0).shape                        # doctest: +SKIP
 """
 
-from attnprobe import distributed, sinks, trajectory
+from attnprobe import distributed, experts, sinks, trajectory
 from attnprobe.calibrate import calibrate
 from attnprobe.experts import ExpertSet, discover_experts, expert_weight
 from attnprobe.fingerprint import fingerprint_problems, model_fingerprint
@@ -33,6 +33,7 @@ __all__ = [
     "discover",
     "distributed",
     "discover_experts",
+    "experts",
     "expert_weight",
     "fingerprint_problems",
     "model_fingerprint",
