@@ -370,7 +370,6 @@ def apply(
     left_out = coverage_mod.check_selection(model, linears, strict=strict)
     how = _Selection(method, float(sparsity), kind, n, m, blocksize, percdamp)
     if sequential:
-        experts_mod.refuse_sequential(model, linears, method)
         onload = (device, offload_device)
         result = _apply_sequential(
             model, store, linears, meta, how, sink_aware, settings, accumulate, progress, onload
@@ -440,6 +439,7 @@ def _apply_sequential(
     model, store, linears, meta, how: _Selection, sink_aware, settings, accumulate, progress, onload
 ) -> PruneResult:
     """Block-wise sequential pruning (:mod:`prune.blockwise`), undone entirely if anything fails."""
+    from prune.block_experts import ExpertBlockStatistics
     from prune.blockwise import prune_blockwise, steps_from_store
 
     device, offload_device = onload
@@ -450,19 +450,25 @@ def _apply_sequential(
     backup: dict[str, Tensor] = {}  # original weights of the blocks pruned so far, on offload_device
     plan: dict[str, tuple[Tensor, Tensor | None]] = {}
     rows = []
+    notes: dict[str, str] = {}
+    fallback = replace(how, method="magnitude")  # experts no weighted calibration row reached
 
     def prune_block(block, stats) -> None:
         block_plan = {}
-        for name, module in block.linears.items():
+        for name in block.linears:
+            module = linears[name]  # an nn.Linear, or a fused expert slice (prune.experts.SliceView)
             group = stats.of(name) if stats is not None else None
             if stats is not None and group is None:
                 raise ValueError(
                     f"{name} received no input while its block ran over the calibration steps; exclude "
                     "it with ignore= or check that the block calls it"
                 )
-            norm = group.norm() if how.method == "wanda" else None
-            hessian = group.hessian() if how.method == "sparsegpt" else None
-            mask, new_weight, row = _plan_linear(name, module, how, norm, hessian)
+            starved = stats is not None and stats.starved(name)
+            if starved:
+                notes[name] = experts_mod.FALLBACK_NOTE
+            norm = group.norm() if how.method == "wanda" and not starved else None
+            hessian = group.hessian() if how.method == "sparsegpt" and not starved else None
+            mask, new_weight, row = _plan_linear(name, module, fallback if starved else how, norm, hessian)
             block_plan[name] = (mask, new_weight)
             rows.append(row)
         for name, (mask, new_weight) in block_plan.items():  # the whole block planned: now write it
@@ -480,13 +486,16 @@ def _apply_sequential(
             device=device,
             offload_device=offload_device,
             finish_statistics=finish_statistics,
+            statistics=ExpertBlockStatistics,
             progress=progress,
         )
     except BaseException:
         for name, weight in backup.items():
             linears[name].weight.copy_(weight.to(linears[name].weight.device))
         raise
-    return _result(plan, rows, meta)
+    result = _result(plan, rows, meta)
+    experts_mod.annotate(result.report, notes)
+    return result
 
 
 def _apply_structured(model, store, ratio, sink_aware, settings, accumulate, mode, meta) -> PruneResult:

@@ -149,7 +149,8 @@ def find_blocks(model: nn.Module, linear_names: list[str]) -> list[Block]:
         )
     blocks = []
     for name in names:
-        linears = {n: modules[n] for n in linear_names if n.startswith(name + ".")}
+        # An expert slice (<experts>.<param>.<e>) is no module: None here, measured by the statistics.
+        linears = {n: modules.get(n) for n in linear_names if n.startswith(name + ".")}
         blocks.append(Block(name, modules[name], linears))
     stray = set(linear_names) - {n for b in blocks for n in b.linears}
     if stray:
@@ -252,6 +253,7 @@ def prune_blockwise(
     device: torch.device | str | None = None,
     offload_device: torch.device | str = "cpu",
     finish_statistics: Callable[[BlockStatistics], BlockStatistics] | None = None,
+    statistics: Callable[[Block, str], BlockStatistics] | None = None,
     progress: bool = True,
 ) -> None:
     """Calibrate and prune ``model`` block by block, each block on the outputs of the pruned ones.
@@ -269,9 +271,13 @@ def prune_blockwise(
             None computes every block where it lives.
         offload_device: where the cached block inputs live between blocks.
         finish_statistics: replaces :func:`_finish_block_statistics` (e.g. an all-reduce).
+        statistics: builds a block's statistics from ``(block, statistic)`` (default
+            :class:`BlockStatistics` of its linears; :class:`prune.block_experts.ExpertBlockStatistics`
+            also measures routed experts).
         progress: show a progress bar over the blocks.
     """
     finish = finish_statistics or _finish_block_statistics
+    make_statistics = statistics or (lambda block, kind: BlockStatistics(block.linears, kind))
     blocks = find_blocks(model, linear_names)
     selected = [i for i, block in enumerate(blocks) if block.linears]
     if not selected:
@@ -290,7 +296,7 @@ def prune_blockwise(
         with onloaded(block.module, device):
             run_device = torch.device(device) if device is not None else block_device(block.module)
             if block.linears:
-                stats = BlockStatistics(block.linears, statistic)
+                stats = make_statistics(block, statistic)
                 with stats.hooks():
                     for step, entry in zip(steps, cache):
                         stats.begin_step(step.row_weights(run_device))

@@ -159,19 +159,6 @@ def routed_tokens(store) -> dict[str, float]:
     return counts
 
 
-def refuse_sequential(model: nn.Module, selection: dict[str, object], method: str) -> None:
-    """The block-wise engine measures linears by hooks; per-expert statistics are one-shot only so far."""
-    sets = model_experts(model)
-    expert_weights = {n for es in sets for n in es.weight_names()}
-    chosen = [n for n in selection if n in expert_weights]
-    if chosen and method != "magnitude":
-        raise ValueError(
-            f"sequential=True does not compute per-expert statistics yet ({len(chosen)} expert weights "
-            f"selected, e.g. {chosen[0]}). Prune mixture-of-experts models one-shot from the store "
-            "(sequential=False), or exclude the experts with ignore=r'.*experts.*'."
-        )
-
-
 def annotate(report, notes: dict[str, str]) -> None:
     """Add the ``note`` column to a report: why a row was not pruned as asked (magnitude fallback)."""
     if report is not None and "layer" in getattr(report, "columns", ()):

@@ -175,11 +175,30 @@ def test_store_without_expert_statistics_is_refused():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def test_sequential_refuses_experts_and_structured_refuses_fused_qkv():
-    model = moe_models.qwen3_moe()
+@pytest.mark.parametrize("build", [moe_models.qwen3_moe, moe_models.llada2_style], ids=["qwen3", "llada2"])
+def test_sequential_expert_masks_equal_routing_on_pruned_earlier_blocks(build):
+    """Block-wise: layer 0 from the dense model, layer 1 from inputs through the pruned layer 0."""
+    model = build()
     store = _calibrated(model)
-    with pytest.raises(ValueError, match="per-expert statistics yet"):
-        prune.apply(model, store, 0.5, sequential=True, progress=False)
+    weights = step_weights(store, SinkSettings())
+    golden_model = build()
+    dense = {n: w.detach().clone() for n, w in _expert_weights(model).items()}
+    result = prune.apply(model, store, 0.5, sink_aware=True, sequential=True, progress=False)
+    for layer in (0, 1):
+        golden = expert_statistics(golden_model, store, weights)
+        for name, total in golden.items():
+            if name.startswith(f"model.layers.{layer}."):
+                expected = select_unstructured(dense[name].abs().double() * total.sqrt(), 0.5)
+                assert torch.equal(result.masks[name], expected), name
+        with torch.no_grad():  # prune the golden copy's layer as the engine did, before the next layer
+            everything = {**_expert_weights(golden_model), **dict(golden_model.named_parameters())}
+            for name, weight in everything.items():
+                key = name.removesuffix(".weight")
+                if key.startswith(f"model.layers.{layer}.") and key in result.masks:
+                    weight.mul_(result.masks[key].to(weight.dtype))
+
+
+def test_structured_refuses_fused_qkv():
     llada2 = moe_models.llada2_style()
     with pytest.raises(ValueError, match="query_key_value"):
         prune.apply(llada2, _calibrated(llada2), 0.5, pattern="structured", progress=False)
