@@ -184,6 +184,9 @@ def discover_experts(model: nn.Module, blocks: list[str] | tuple[str, ...] | Non
         if router is None:
             continue
         capture = name if fused else router
+        act_owner = module if fused else module[0]
+        if getattr(act_owner, "act_fn", getattr(act_owner, "act", None)) is None:
+            logger.warning("attnprobe: %s has no act_fn; its down_proj inputs are computed with SiLU", name)
         found.append(ExpertSet(name, key, experts, hidden, router, capture, _top_k_of(parent)))
     return found
 

@@ -566,6 +566,12 @@ class Recording:
         if self._replay is not None:
             replay = self._replay
             replay.results.update(self._reduce_routed(forward, replay.weights, replay.candidates))
+            return
+        # One-pass: the hidden states are held until the step ends, like the linear inputs.
+        forwards = [*(self._step.forwards if self._step is not None else []), forward]
+        held = [t for f in forwards for t in f.inputs.values()]
+        held += [h for f in forwards for _, h, _ in f.routed.values()]
+        self.peak_buffer_bytes = max(self.peak_buffer_bytes, sum(t.numel() * t.element_size() for t in held))
 
     def _routing_unread(self, es: moe.ExpertSet) -> None:
         self._warn_once(
