@@ -59,35 +59,83 @@ def onloaded(
     device: torch.device | str | None,
     *,
     exclude: Iterable[nn.Module] = (),
+    write_back: bool = True,
 ) -> Iterator[None]:
     """Within the block, the parameters and buffers of ``modules`` (minus ``exclude``) live on ``device``.
 
-    Each tensor returns to its own original device on exit (also after an error), with whatever values
-    it was given meanwhile (pruned weights). ``device=None`` moves nothing.
+    On exit (also after an error) each tensor is its original one again, on its original device; with
+    ``write_back`` the values it was given meanwhile (pruned weights) are first copied into it, without
+    allocating new host memory. ``device=None`` moves nothing.
     """
     if device is None:
         yield
         return
+    target = torch.device(device)
     modules = [modules] if isinstance(modules, nn.Module) else list(modules)
-    moved: list[tuple[nn.Module, str, Tensor, bool, torch.device]] = []
+    moved: list[tuple[nn.Module, str, Tensor, bool, Tensor]] = []
     try:
         for module, name, tensor, is_param in _tensors(modules, list(exclude)):
-            original = tensor.device
-            if original == torch.device(device):
+            if tensor.device == target:
                 continue
+            original = tensor.data
             if is_param:
-                tensor.data = tensor.data.to(device)
-                moved.append((module, name, tensor, True, original))
+                tensor.data = original.to(target, non_blocking=True)
             else:
-                setattr(module, name, tensor.to(device))
-                moved.append((module, name, getattr(module, name), False, original))
+                setattr(module, name, original.to(target, non_blocking=True))
+            moved.append((module, name, tensor, is_param, original))
         yield
     finally:
         for module, name, tensor, is_param, original in reversed(moved):
+            current = tensor.data if is_param else getattr(module, name)
+            if write_back:
+                original.copy_(current)
             if is_param:
-                tensor.data = tensor.data.to(original)
+                tensor.data = original
             else:
-                setattr(module, name, getattr(module, name).to(original))
+                setattr(module, name, original)
+
+
+@contextmanager
+def streamed(model: nn.Module, blocks: Iterable[nn.Module], device: torch.device | str) -> Iterator[None]:
+    """Run whole-model forwards with one block at a time on ``device`` (weights are only read).
+
+    The parts outside ``blocks`` (embeddings, final norm, head) stay on ``device`` for the duration;
+    each block is moved there by a pre-hook when it is called and dropped again (its host tensors
+    restored, nothing copied back) when it returns. A forward then needs the device memory of one block
+    plus the rest of the model, and moves each block's weights to the device once per forward; use a
+    larger batch per forward to spread that transfer. This is how a model that does not fit the device
+    is recorded (attention mass for sink weights) with the ordinary recorder.
+
+    Example:
+        >>> with streamed(model, model.model.layers, "cuda:0"):                    # doctest: +SKIP
+        ...     with attnprobe.record(model, "runs/calib", linear_stats=False):
+        ...         attnprobe.calibrate(model, ids, mask_token_id=126336)
+    """
+    blocks = list(blocks)
+    handles = []
+    open_blocks: dict[int, Any] = {}
+
+    def enter(module, args):
+        context = onloaded(module, device, write_back=False)
+        context.__enter__()
+        open_blocks[id(module)] = context
+
+    def leave(module, args, output):
+        context = open_blocks.pop(id(module), None)
+        if context is not None:
+            context.__exit__(None, None, None)
+
+    try:
+        with onloaded(model, device, exclude=blocks, write_back=False):
+            for block in blocks:
+                handles.append(block.register_forward_pre_hook(enter))
+                handles.append(block.register_forward_hook(leave, always_call=True))
+            yield
+    finally:
+        while handles:
+            handles.pop().remove()
+        for context in list(open_blocks.values()):
+            context.__exit__(None, None, None)
 
 
 def check_materialized(linears: dict[str, nn.Module]) -> None:

@@ -1,0 +1,185 @@
+"""Scale of block-wise sequential pruning: linear in depth, one block's memory, 8B widths on one GPU.
+
+- ``depth_time_ratio_<method>``: CPU seconds (``time.process_time``, robust to other jobs on a shared
+  machine; wall-clock ratio reported too) of ``prune.apply(..., sequential=True, sink_aware=True)`` on a
+  narrow bidirectional Llama (hidden 256, 8 heads, MLP 688) at depth 16 over depth 4, the same store
+  size (calibration windows × noise levels). Linear cost gives about 4; the old replay gave ~10.
+- ``depth_memory_ratio_<method>``: peak extra memory of the same runs, 16 over 4. Each run is a fresh
+  subprocess; extra = peak RSS (``ru_maxrss``) − RSS before ``apply`` − what ``apply`` keeps by design
+  until it returns: the result's masks and SparseGPT weights and the rollback copy of the original
+  weights (with a GPU and ``offload_device="cpu"`` all three live on the host, not the device). The
+  raw figure is reported too (``..._raw``).
+- ``block_seconds_8b`` / ``block_extra_gib_8b``: per-block seconds and peak extra memory of block-wise
+  sink-aware SparseGPT at LLaDA-8B block widths (hidden 4096, 32 heads, MLP 12288, bf16), 2 blocks,
+  batch 1, L = 1024 (and L = 256 for the slope in L).
+- ``projected_device_peak_gib``: the device peak for the whole 32-block LLaDA-8B at L = 4096 with
+  onloading (docs/BENCHMARKS.md explains the formula).
+
+Usage: ``python benchmarks/bench_scale.py [--quick] [--skip-8b]``; last line JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+NARROW = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=8, intermediate_size=688)
+WIDE = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, intermediate_size=12288)
+VOCAB = 512
+MASK = VOCAB - 1
+# LLaDA-8B: 32 blocks, vocabulary 126,464, untied input embedding and output head (bf16).
+LLADA_BLOCKS, LLADA_VOCAB, GIB = 32, 126_464, 2**30
+
+
+def build(depth: int, widths: dict, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        num_hidden_layers=depth,
+        max_position_embeddings=4096,
+        is_causal=False,
+        mask_token_id=MASK,
+        attn_implementation="sdpa",
+        **widths,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def record(model: torch.nn.Module, path: Path, windows: int, length: int, batch: int) -> None:
+    """Attention-only calibration store: input ids and every layer's mass (all block-wise pruning needs)."""
+    import attnprobe
+
+    ids = torch.randint(0, MASK, (windows, length), generator=torch.Generator().manual_seed(0))
+    with attnprobe.record(model, path, mask_token_id=MASK, linear_stats=False):
+        attnprobe.calibrate(
+            model, ids, mask_token_id=MASK, steps=4, sample_interval=2, batch_size=batch, progress=False
+        )
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def child(depth: int, wide: bool, method: str, store: str) -> None:
+    """Apply once in this fresh process; print seconds and memory figures as JSON."""
+    import attnprobe
+    import prune
+
+    model = build(depth, WIDE if wide else NARROW, torch.bfloat16 if wide else torch.float32)
+    store = attnprobe.open(store)
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    before = _rss()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    result = prune.apply(model, store, 0.5, method=method, sink_aware=True, sequential=True, progress=False)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    retained = sum(m.numel() for m in result.masks.values())  # bool masks
+    retained += sum(w.numel() * w.element_size() for w in result.weights.values())
+    retained += sum(m.weight.numel() * m.weight.element_size() for m in linears)  # rollback copy
+    print(
+        json.dumps({"seconds": seconds, "cpu": cpu, "raw": peak - before, "extra": peak - before - retained})
+    )
+
+
+def run_child(depth: int, wide: bool, method: str, store: Path) -> dict:
+    args = [sys.executable, __file__, "--child", str(depth), str(int(wide)), method, str(store)]
+    out = subprocess.run(args, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def depth_scaling(tmp: Path, windows: int, repeats: int) -> dict:
+    stores = {}
+    for depth in (4, 16):
+        stores[depth] = tmp / f"narrow{depth}"
+        record(build(depth, NARROW, torch.float32), stores[depth], windows, 128, 4)
+    out = {}
+    for method in ("wanda", "sparsegpt"):
+        runs: dict[int, list[dict]] = {4: [], 16: []}
+        for _ in range(repeats):  # alternate, so that load on the shared machine hits both depths
+            for depth in (4, 16):
+                runs[depth].append(run_child(depth, False, method, stores[depth]))
+        best = {d: min(r, key=lambda x: x["cpu"]) for d, r in runs.items()}
+        for depth in (4, 16):
+            print(f"{method} depth {depth}: {best[depth]}", flush=True)
+        # CPU seconds of the process: other jobs on a shared machine stretch wall time, not these
+        out[f"depth_time_ratio_{method}"] = best[16]["cpu"] / best[4]["cpu"]
+        out[f"depth_wall_ratio_{method}"] = best[16]["seconds"] / best[4]["seconds"]
+        out[f"depth_memory_ratio_{method}"] = max(r["extra"] for r in runs[16]) / max(
+            r["extra"] for r in runs[4]
+        )
+        out[f"depth_memory_ratio_{method}_raw"] = max(r["raw"] for r in runs[16]) / max(
+            r["raw"] for r in runs[4]
+        )
+        out[f"seconds_depth4_{method}"] = best[4]["seconds"]
+        out[f"seconds_depth16_{method}"] = best[16]["seconds"]
+    out["depth_time_ratio"] = max(out["depth_time_ratio_wanda"], out["depth_time_ratio_sparsegpt"])
+    out["depth_memory_ratio"] = max(out["depth_memory_ratio_wanda"], out["depth_memory_ratio_sparsegpt"])
+    return out
+
+
+def eight_b(tmp: Path) -> dict:
+    """Per-block cost at LLaDA-8B widths (2 blocks, bf16), at L = 1024 and L = 256; the projection."""
+    measured = {}
+    for length in (256, 1024):
+        store = tmp / f"wide{length}"
+        record(build(2, WIDE, torch.bfloat16), store, 1, length, 1)  # 1 window × 2 noise levels
+        measured[length] = run_child(2, True, "sparsegpt", store)
+        print(f"8B widths, L={length}: {measured[length]}", flush=True)
+    hidden, mlp = WIDE["hidden_size"], WIDE["intermediate_size"]
+    block_bytes = (4 * hidden * hidden + 3 * hidden * mlp) * 2  # bf16 weights of one block
+    # The extra peak of one block grows with the tokens of one forward (activations, float32 chunks);
+    # extrapolate linearly from the two lengths (a CPU upper bound: CPU SDPA may build L x L scores).
+    slope = max(0.0, (measured[1024]["extra"] - measured[256]["extra"]) / (1024 - 256))
+    block_extra_4096 = measured[1024]["extra"] + slope * (4096 - 1024)
+    block_phase = block_bytes + block_extra_4096
+    # The capture puts everything outside the blocks on the device: embedding + head (+ one output).
+    capture_phase = 2 * LLADA_VOCAB * hidden * 2 + 4096 * hidden * 2
+    return {
+        "block_seconds_8b": measured[1024]["seconds"] / 2,
+        "block_extra_gib_8b": measured[1024]["extra"] / GIB,
+        "block_extra_raw_gib_8b": measured[1024]["raw"] / GIB,
+        "block_extra_gib_8b_L256": measured[256]["extra"] / GIB,
+        "block_weights_gib_8b": block_bytes / GIB,
+        "projected_block_phase_gib": block_phase / GIB,
+        "projected_capture_phase_gib": capture_phase / GIB,
+        "projected_device_peak_gib": max(block_phase, capture_phase) / GIB,
+        "projected_blocks": LLADA_BLOCKS,
+        "projected_length": 4096,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer windows and one repeat")
+    parser.add_argument("--skip-8b", action="store_true", help="only the depth scaling (minutes saved)")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        depth, wide, method, store = args.child
+        child(int(depth), bool(int(wide)), method, store)
+        return 0
+    result = {"device": "cpu", "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:
+        windows = 8 if args.quick else 16
+        result.update(windows=windows, length=128, noise_levels=2)
+        result.update(depth_scaling(Path(tmp), windows, 1 if args.quick else 2))
+        if not args.skip_8b:
+            result.update(eight_b(Path(tmp)))
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
