@@ -1,0 +1,128 @@
+"""The hub recipe end to end, offline, on the LLaDA-style test model saved with remote code."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import safe_open
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import prune_hub_model  # noqa: E402
+from tiny_tokenizer import ByteTokenizer  # noqa: E402
+
+# A trust_remote_code checkpoint as LLaDA ships it: config + modeling file beside the weights. The
+# modules are the test model's (tests/models.py): LLaDA's names and call structure.
+MODELING = """
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from tests.models import LLaDAConfig, LLaDAModel
+
+
+class TinyLLaDAConfig(PretrainedConfig):
+    model_type = "tiny_llada"
+
+    def __init__(self, d_model=32, n_heads=4, n_layers=3, mlp_hidden_size=64, vocab_size=264,
+                 mask_token_id=259, **kwargs):
+        self.d_model, self.n_heads, self.n_layers = d_model, n_heads, n_layers
+        self.mlp_hidden_size, self.vocab_size, self.mask_token_id = mlp_hidden_size, vocab_size, mask_token_id
+        super().__init__(**kwargs)
+
+
+class TinyLLaDAModelLM(PreTrainedModel):
+    config_class = TinyLLaDAConfig
+    base_model_prefix = "model"
+    _supports_sdpa = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = LLaDAModel(LLaDAConfig(
+            vocab_size=config.vocab_size, d_model=config.d_model, n_heads=config.n_heads,
+            n_layers=config.n_layers, mlp_hidden_size=config.mlp_hidden_size,
+            mask_token_id=config.mask_token_id))
+        self.post_init()
+
+    def _init_weights(self, module):
+        pass
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return self.model.forward(input_ids=input_ids, attention_mask=attention_mask)
+"""
+
+
+def _save_checkpoint(directory: Path) -> None:
+    directory.mkdir()
+    (directory / "modeling_tiny_llada.py").write_text(MODELING)
+    spec = importlib.util.spec_from_file_location("modeling_tiny_llada", directory / "modeling_tiny_llada.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.TinyLLaDAConfig()
+    config.auto_map = {
+        "AutoConfig": "modeling_tiny_llada.TinyLLaDAConfig",
+        "AutoModel": "modeling_tiny_llada.TinyLLaDAModelLM",
+    }
+    torch.manual_seed(0)
+    model = module.TinyLLaDAModelLM(config)
+    with torch.no_grad():  # peaked attention, so that sinks exist
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(5.0)
+    model.save_pretrained(directory)
+    ByteTokenizer().save(directory)
+
+
+def test_recipe_runs_offline_on_a_remote_code_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoint = tmp_path / "tiny-llada"
+    _save_checkpoint(checkpoint)
+    text = tmp_path / "calibration.txt"
+    text.write_text("In the beginning was the word, and the word was with the model. " * 12)
+    out = tmp_path / "out"
+    code = prune_hub_model.main(
+        [
+            str(checkpoint),
+            "--trust-remote-code",
+            "--calibration",
+            str(text),
+            "--output",
+            str(out),
+            "--method",
+            "sparsegpt",
+            "--sink-aware",
+            "--sparsity",
+            "0.5",
+            "--seq-len",
+            "64",
+            "--windows",
+            "4",
+            "--steps",
+            "4",
+            "--sample-interval",
+            "2",
+            "--eval-windows",
+            "1",
+            "--dtype",
+            "bfloat16",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["windows"] == 4 and abs(summary["achieved_sparsity"] - 0.5) < 1e-6
+    assert summary["nll_dense"] > 0 and summary["nll_pruned"] > 0
+    with safe_open(str(out / "masks.safetensors"), "pt") as masks:
+        names = list(masks.keys())
+    assert len(names) >= 21  # 3 blocks x 7 linears (plus whatever the file adds)
+    reloaded = transformers.AutoModel.from_pretrained(out / "model", trust_remote_code=True)
+    weight = reloaded.model.transformer.blocks[2].ff_out.weight
+    assert weight.dtype == torch.bfloat16 and float((weight == 0).float().mean()) == 0.5
+    store_steps = sorted((out / "calibration").rglob("*.safetensors"))
+    assert len(store_steps) == 4 * 2  # windows x noise levels, attention only
