@@ -73,7 +73,7 @@ def expert_statistics(
             for i, layer in enumerate(layers)
         ]
         try:
-            model(input_ids=ids)
+            model(input_ids=ids, attention_mask=None if bool(valid.all()) else valid.long())
         finally:
             for h in hooks:
                 h.remove()

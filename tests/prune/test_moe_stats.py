@@ -139,3 +139,32 @@ def test_expert_linears_no_longer_warn_and_routers_stay_linear_groups(recwarn):
         "model.layers.0.mlp.experts.3.up_proj",
     ]
     assert store.fingerprint["experts"]["model.layers.0.mlp.experts"]["num_experts"] == 8
+
+
+def test_grouped_forwards_and_padding_use_each_rows_own_weight():
+    """Two forwards in one step (stacked along the batch) and padded tokens: candidate rows of the second
+    forward index the step's candidates, padding counts nowhere."""
+    model = _sharpen(moe_models.olmoe_style())
+    ids = torch.randint(3, 60, (5, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[4, 7:] = 0
+    with attnprobe.record(model, mask_token_id=MASK) as store:
+        for lo, hi in ((0, 2), (2, 5)):
+            with store.step(t=0.5):
+                model(input_ids=ids[lo:hi], attention_mask=mask[lo:hi])
+                model(input_ids=ids[lo:hi].flip(0), attention_mask=mask[lo:hi].flip(0))
+    assert store.num_steps == 2 and not bool(store.valid(0).all())
+    samples = sum(store.valid(s).shape[0] for s in range(store.num_steps))
+    for settings in (SinkSettings(), SinkSettings(sink_std=1.5)):  # exact, then re-weighted
+        weights = step_weights(store, settings)
+        if settings.sink_std != 2.0:
+            for step, w in weights.items():
+                keep = torch.ones_like(w)
+                cand = store.candidates(step)
+                keep[cand[:, 0], cand[:, 1]] = w[cand[:, 0], cand[:, 1]]
+                weights[step] = keep
+        golden = expert_statistics(model, store, weights)
+        norms = activation_norms(store, sink_aware=True, settings=settings)
+        for name, total in golden.items():
+            assert torch.allclose(norms[name], (total / samples).sqrt().float(), rtol=1e-4, atol=1e-6), name
