@@ -197,3 +197,26 @@ def test_low_precision_end_to_end(tmp_path, dtype):
             assert result.report["sparsity"].between(0.49, 0.51).all()
             nll = prune.evaluate(pruned, held_out, num_samples=2, progress=False)
             assert torch.isfinite(torch.tensor(float(nll.nll)))
+
+
+def test_streamed_forwards_onload_each_block_when_called_and_record_the_same(tmp_path, monkeypatch):
+    from prune import onload
+
+    model = _sharpen(models.tiny_llada(n_layers=2))
+    plain = _record(copy.deepcopy(model), tmp_path / "plain", linear_stats=False)
+    events = []
+    real = onload.onloaded
+
+    def spy(modules, device, *, exclude=(), write_back=True):
+        events.append((getattr(modules, "layer_id", "rest"), write_back))
+        return real(modules, device, exclude=exclude, write_back=write_back)
+
+    monkeypatch.setattr(onload, "onloaded", spy)
+    blocks = list(model.model.transformer.blocks)
+    with onload.streamed(model, blocks, "cpu"):
+        streamed = _record(model, tmp_path / "streamed", linear_stats=False)
+    steps = streamed.num_steps
+    assert events == [("rest", False)] + [(0, False), (1, False)] * steps  # weights are only read
+    assert all(not block._forward_pre_hooks and not block._forward_hooks for block in blocks)
+    for step in range(steps):
+        assert torch.equal(streamed.attention_mass(step), plain.attention_mass(step))
