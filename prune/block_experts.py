@@ -76,7 +76,10 @@ class ExpertBlockStatistics(BlockStatistics):
         out = moe.reduce_experts(
             self._modules, es, hidden, index, valid, weights, nothing, hessians=self.kind == "hessian"
         )
-        rows = (index.reshape(weights.numel(), -1)[(weights.reshape(-1) > 0)])  # routing of counted rows
+        # Tokens per expert among the rows that count (non-zero weight); top-k experts are distinct.
+        chosen = index.reshape(weights.numel(), -1)[weights.reshape(-1) > 0].reshape(-1)
+        chosen = chosen[(chosen >= 0) & (chosen < es.num_experts)]
+        counts = torch.bincount(chosen, minlength=es.num_experts).to(torch.float32)
         for group, stats in out.items():
             target = self.groups[self._prefix + group]
             if self.kind == "hessian":
@@ -87,9 +90,9 @@ class ExpertBlockStatistics(BlockStatistics):
                 target.total.add_(stats["wsumsq"].sqrt().sum(0))
             target.nsamples.add_(weights.shape[0])
         for expert in range(es.num_experts):
-            count = (rows == expert).any(-1).sum().to(torch.float32)
             for group in es.groups(expert):
-                self._routed[self._prefix + group].add_(count.to(self._routed[self._prefix + group].device))
+                routed = self._routed[self._prefix + group]
+                routed.add_(counts[expert].to(routed.device))
 
     def _unread(self, es) -> None:
         raise RuntimeError(

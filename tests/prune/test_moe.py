@@ -90,7 +90,8 @@ def test_expert_masks_equal_independent_per_expert_wanda(build, sink_aware):
     assert "model.layers.0.mlp.gate" not in result.masks  # routers stay dense unless targeted
 
 
-def test_expert_without_tokens_falls_back_to_magnitude():
+@pytest.mark.parametrize("sequential", [False, True])
+def test_expert_without_tokens_falls_back_to_magnitude(sequential):
     model = moe_models.llada2_style(fused=True)
     with torch.no_grad():
         # Expert 0 of layer 0 is never chosen, and neither is expert 1: the router scores a group of
@@ -98,7 +99,7 @@ def test_expert_without_tokens_falls_back_to_magnitude():
         model.model.layers[0].mlp.gate.expert_bias[0] = -10.0
     store = _calibrated(model)
     dense = {n: w.detach().clone() for n, w in _expert_weights(model).items()}
-    result = prune.apply(model, store, 0.5, method="wanda", progress=False)
+    result = prune.apply(model, store, 0.5, method="wanda", sequential=sequential, progress=False)
     notes = dict(zip(result.report["layer"], result.report["note"]))
     projections = ("gate_proj", "up_proj", "down_proj")
     starved = [f"model.layers.0.mlp.experts.{p}.{e}" for p in projections for e in (0, 1)]
