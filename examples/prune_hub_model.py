@@ -56,7 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--windows", type=int, default=128, help="calibration windows")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sample-interval", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=1, help="windows per recorded forward")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="windows per recorded forward (spreads block transfers)"
+    )
     parser.add_argument("--mask-token-id", type=int, default=None, help="default: from the config")
     parser.add_argument("--eval-windows", type=int, default=0, help="held-out windows to score")
     parser.add_argument("--no-save-model", action="store_true", help="skip save_pretrained")

@@ -9,6 +9,7 @@ measured. prune.apply(sequential=True) must produce the same masks.
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -142,3 +143,29 @@ def test_sequential_masks_equal_the_quadratic_procedure(tmp_path, arch, build, m
         assert torch.equal(result.masks[name], mask), name
     if sink_aware:  # the reference's weights matter: sinks were down-weighted somewhere
         assert any((_sink_weights(store, s, True) < 0.5).any() for s in range(store.num_steps))
+
+
+def test_a_failure_in_a_later_block_restores_every_block(tmp_path, monkeypatch):
+    apply_mod = importlib.import_module("prune.apply")  # the module (prune.apply is the function)
+    model = models.tiny_llada(n_layers=3)
+    store = _record(model, tmp_path / "s")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    real = apply_mod._plan_linear
+
+    def failing(name, *args, **kwargs):
+        if ".blocks.2." in name:
+            raise RuntimeError("planted failure")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(apply_mod, "_plan_linear", failing)
+    with pytest.raises(RuntimeError, match="planted"):
+        prune.apply(model, store, 0.5, method="sparsegpt", sequential=True, blocksize=16, progress=False)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name
+
+
+def test_store_without_input_ids_is_refused(tmp_path):
+    model = models.tiny_llada()
+    store = _record(model, tmp_path / "s", save_input_ids=False)
+    with pytest.raises(ValueError, match="save_input_ids=True"):
+        prune.apply(model, store, 0.5, sequential=True, progress=False)
