@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         attnprobe.calibrate(
             model,
-            calibration,
+            calibration.to(args.device or "cpu"),  # where the (streamed) model's embedding is
             mask_token_id=mask_id,
             steps=args.steps,
             sample_interval=args.sample_interval,
