@@ -1,9 +1,10 @@
 """``prune.apply``: score, select and apply sparse masks in place, transactionally.
 
-Phases stay visible: statistics (from the store, or by replaying its inputs) → scores → masks →
-apply. One-shot pruning computes every mask before any weight changes, so a failure anywhere leaves
-the model untouched. Sequential pruning must change block i before it can measure block i + 1; it
-keeps a CPU copy of every weight it changes and restores them all if anything fails.
+Phases stay visible: statistics (from the store, or by running its recorded inputs through the blocks,
+:mod:`prune.blockwise`) → scores → masks → apply. One-shot pruning computes every mask before any
+weight changes, so a failure anywhere leaves the model untouched. Sequential pruning must change block
+i before it can measure block i + 1; it copies each block's weights to ``offload_device`` before
+writing them and restores every written block if anything fails.
 """
 
 from __future__ import annotations
