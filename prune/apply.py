@@ -350,6 +350,11 @@ def apply(
         "sink_policy": sink_policy,
         "model_class": type(model).__name__,
     }
+    if device is not None and not sequential:
+        raise ValueError(
+            f"device={device!r} onloads blocks one at a time, which only sequential pruning does; pass "
+            "sequential=True, or move the model to the device yourself for one-shot pruning."
+        )
     if kind == "structured":
         if targets is not None or ignore is not None:
             raise ValueError(
@@ -377,11 +382,6 @@ def apply(
         )
         result.coverage = coverage_mod.report_selection(model, result.masks, left_out)
         return result
-    if device is not None:
-        raise ValueError(
-            f"device={device!r} onloads blocks one at a time, which only sequential pruning does; pass "
-            "sequential=True, or move the model to the device yourself for one-shot pruning."
-        )
     norms: dict[str, Tensor] = {}
     hessians: dict[str, Tensor] = {}
     if method == "wanda":
