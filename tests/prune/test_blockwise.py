@@ -60,7 +60,9 @@ def _blocks(model):
     return sorted(set(attnprobe.discover(model).blocks.values()), key=names.index)
 
 
-def reference_sequential(model, store, method, sink_aware, pattern="unstructured", sparsity=0.5):
+def reference_sequential(
+    model, store, method, sink_aware, pattern="unstructured", sparsity=0.5, accumulate="wanda"
+):
     """The quadratic sequential procedure, explicitly (block b's inputs from a full forward)."""
     model = copy.deepcopy(model)
     modules = dict(model.named_modules())
@@ -103,7 +105,11 @@ def reference_sequential(model, store, method, sink_aware, pattern="unstructured
                     )
                     weight.copy_(new)
                 else:
-                    norm = torch.cat(sumsq[n]).mean(0).sqrt()
+                    per_sequence = torch.cat(sumsq[n])  # (sequences, in)
+                    if accumulate == "wanda":
+                        norm = per_sequence.mean(0).sqrt()
+                    else:  # the public Sink-Aware code: a sum of per-sequence L2 norms
+                        norm = per_sequence.sqrt().sum(0)
                     mask = select_mask(weight.abs().double() * norm, pattern, sparsity)
                 weight.mul_(mask)
                 masks[n] = mask
@@ -169,3 +175,20 @@ def test_store_without_input_ids_is_refused(tmp_path):
     store = _record(model, tmp_path / "s", save_input_ids=False)
     with pytest.raises(ValueError, match="save_input_ids=True"):
         prune.apply(model, store, 0.5, sequential=True, progress=False)
+
+
+def test_reference_accumulation_equals_the_quadratic_procedure(tmp_path):
+    model = _sharpen(models.tiny_llada(n_layers=3))
+    store = _record(model, tmp_path / "s")
+    expected = reference_sequential(model, store, "wanda", True, accumulate="reference")
+    result = prune.apply(
+        copy.deepcopy(model),
+        store,
+        0.5,
+        sink_aware=True,
+        accumulate="reference",
+        sequential=True,
+        progress=False,
+    )
+    for name, mask in expected.items():
+        assert torch.equal(result.masks[name], mask), name
