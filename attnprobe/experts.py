@@ -324,8 +324,16 @@ def _reduce_rows(x: Tensor, rows: Tensor, tokens: int, batch: int, valid: Tensor
         part = slice(r0, r0 + _ROWS_PER_CHUNK)
         xs = x[part].to(torch.float32)
         sq = xs.square()
-        out["sumsq"].index_add_(0, sample[part], sq * keep[part, None])
-        out["wsumsq"].index_add_(0, sample[part], sq * w[part, None].square())
+        # Per-sample sums as one small matmul, (2·batch, rows) x (rows, in): rows of sample b carry
+        # their keep (plain) or w² (weighted) in row b (resp. batch + b) of the selector.
+        n = sq.shape[0]
+        selector = sq.new_zeros((2 * batch, n))
+        column = torch.arange(n, device=x.device)
+        selector[sample[part], column] = keep[part]
+        selector[batch + sample[part], column] = w[part].square()
+        sums = selector @ sq
+        out["sumsq"] += sums[:batch]
+        out["wsumsq"] += sums[batch:]
         if hessians:
             kept = xs * keep[part, None]
             out["plain"].addmm_(kept.T, kept)
