@@ -6,7 +6,10 @@ On the shipped pair (``examples/models/tiny-dlm`` and ``tiny-ar``) it:
 2. records a calibration trajectory of each (forward noising for the DLM, clean text for the AR),
 3. draws the sink plots, DLM and AR side by side, and prints the sink metrics,
 4. prunes the DLM at 50% with magnitude, Wanda, sink-aware Wanda, SparseGPT and sink-aware
-   SparseGPT, evaluates held-out NLL of each, and prints the table.
+   SparseGPT, evaluates held-out NLL of each, and prints the table,
+5. scores the dense, Wanda-pruned and sink-aware-Wanda-pruned DLM (from their saved masks) and the AR
+   twin on the local lm-eval task ``attnprobe_continuation`` (4-way continuation of held-out windows,
+   chance 0.25) through the ``attnprobe`` lm-eval model.
 
 Stores, masks, figures and tables land in ``--out``. Usage::
 
@@ -27,6 +30,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pipeline  # noqa: E402
+import task_eval  # noqa: E402
 
 import attnprobe  # noqa: E402
 import prune  # noqa: E402
@@ -49,7 +53,7 @@ def run(out: Path, *, quick: bool = False) -> dict:
     prompt = calibration[:1, :32]
     gen_steps, gen_length = (16, 32) if quick else (64, 64)
 
-    phases = tqdm(total=5, desc="demo", unit="phase")
+    phases = tqdm(total=6, desc="demo", unit="phase")
     for kind in ("dlm", "ar"):
         pipeline.record_generation(
             pair, kind, stores_dir / f"{kind}-generation", prompt, steps=gen_steps, gen_length=gen_length
@@ -120,7 +124,10 @@ def run(out: Path, *, quick: bool = False) -> dict:
         masks_dir=masks_dir,
     )
     phases.update()
+    task = task_table(masks_dir, quick=quick)
+    phases.update()
     phases.close()
+    task.to_csv(out / "task.csv", index=False)
     table = pd.DataFrame(rows)
     table.to_csv(out / "pruning.csv", index=False)
     (out / "pruning.txt").write_text(table.to_string(index=False) + "\n")
@@ -128,8 +135,35 @@ def run(out: Path, *, quick: bool = False) -> dict:
     print(metrics.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\nHeld-out masked-diffusion NLL (nats/token, {len(heldout)} windows) of the DLM pruned at 50%:")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(
+        f"\nlm-eval task {task_eval.TASK} (4-way, chance 0.25; {int(task['items'][0])} items, "
+        f"{int(task['mc_num'][0])} Monte-Carlo draws per choice for the DLM):"
+    )
+    print(task.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"\nEverything is in {out} ({time.perf_counter() - start:.0f} s).")
-    return {"metrics": metrics, "pruning": table}
+    return {"metrics": metrics, "pruning": table, "task": task}
+
+
+def task_table(masks_dir: Path, *, quick: bool):
+    """Task accuracy ± standard error of the dense and pruned DLM (from the saved masks) and the AR twin."""
+    import pandas as pd
+
+    limit, mc_num = (12, 2) if quick else (None, 16)
+    runs = [
+        ("diffusion LM, dense", "tiny-dlm", None),
+        ("diffusion LM, wanda 50%", "tiny-dlm", masks_dir / "wanda-unstructured-0.50.safetensors"),
+        (
+            "diffusion LM, wanda sink-aware 50%",
+            "tiny-dlm",
+            masks_dir / "wanda-sink-aware-unstructured-0.50.safetensors",
+        ),
+        ("autoregressive twin, dense", "tiny-ar", None),
+    ]
+    rows = []
+    for label, name, masks in runs:
+        score = task_eval.task_accuracy(pipeline.MODELS / name, masks=masks, mc_num=mc_num, limit=limit)
+        rows.append({"model": label, **score, "mc_num": mc_num if name == "tiny-dlm" else 1})
+    return pd.DataFrame(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,3 +33,7 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     header = prune.load_masks(fresh, masks[0])
     assert header["settings"]["sparsity"] == 0.5
     assert (tmp_path / "pruning.csv").is_file() and (tmp_path / "sink_metrics.csv").is_file()
+    task = tables["task"]  # lm-eval task accuracy: dense, wanda, sink-aware wanda DLM, AR twin
+    assert len(task) == 4 and (tmp_path / "task.csv").is_file()
+    assert task["acc"].between(0, 1).all() and (task["acc_stderr"] > 0).all()
+    assert (task["items"] == 12).all()
