@@ -11,6 +11,8 @@ import torch
 import transformers
 from safetensors import safe_open
 
+import attnprobe
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
@@ -124,5 +126,6 @@ def test_recipe_runs_offline_on_a_remote_code_checkpoint(tmp_path, monkeypatch):
     reloaded = transformers.AutoModel.from_pretrained(out / "model", trust_remote_code=True)
     weight = reloaded.model.transformer.blocks[2].ff_out.weight
     assert weight.dtype == torch.bfloat16 and float((weight == 0).float().mean()) == 0.5
-    store_steps = sorted((out / "calibration").rglob("*.safetensors"))
-    assert len(store_steps) == 4 * 2  # windows x noise levels, attention only
+    store = attnprobe.open(out / "calibration")  # 4 windows per forward x 2 noise levels
+    assert store.num_steps == 2 and store.valid(0).shape == (4, 64)
+    assert not store.options["linear_stats"]  # attention and input ids are all block-wise pruning reads
