@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pipeline  # noqa: E402
+import task_eval  # noqa: E402
 
 import attnprobe  # noqa: E402
 import prune  # noqa: E402
@@ -34,6 +35,7 @@ VARIANTS = (
     pipeline.UNSTRUCTURED_VARIANTS[:3] + pipeline.UNSTABLE_VARIANTS + pipeline.UNSTRUCTURED_VARIANTS[3:]
 )
 STRUCTURED_RATIOS = [0.3, 0.5]
+TASK_MARKERS = ("<!-- lm-eval task: start -->", "<!-- lm-eval task: end -->")
 
 
 def _fmt(values: list[float], digits: int = 4) -> str:
@@ -216,13 +218,70 @@ def structured_table(pair, stores, heldout, eval_samples) -> str:
     return _md_table(["method", "ratio", "parameters", "step latency (ms)", "held-out NLL"], rows)
 
 
+def task_table(pair: pipeline.Pair, store, quick: bool) -> tuple[str, dict]:
+    """lm-eval accuracy (± standard error over items) of the dense, Wanda- and sink-aware-Wanda-pruned
+    DLM (50%, calibration seed 0) and of the AR twin on ``attnprobe_continuation``."""
+    limit, mc_num = (12, 2) if quick else (None, 16)
+    runs = [("diffusion LM", "dense", pair.dlm)]
+    for label, method, sink_aware, policy in pipeline.UNSTRUCTURED_VARIANTS[1:3]:  # wanda, sink-aware
+        model = copy.deepcopy(pair.dlm)
+        prune.apply(
+            model, store, 0.5, method=method, sink_aware=sink_aware, sink_policy=policy, progress=False
+        )
+        runs.append(("diffusion LM", f"{label} 50%", model))
+    runs.append(("autoregressive twin", "dense", pair.ar))
+    rows = []
+    for kind, label, model in tqdm(runs, desc="lm-eval task"):
+        tokenizer = pipeline.MODELS / ("tiny-dlm" if kind == "diffusion LM" else "tiny-ar")
+        score = task_eval.task_accuracy(model, tokenizer=tokenizer, mc_num=mc_num, limit=limit)
+        rows.append([kind, label, f"{score['acc']:.3f} ± {score['acc_stderr']:.3f}"])
+    table = _md_table(["model", "pruning", "accuracy ± s.e."], rows)
+    return table, {"items": score["items"], "mc_num": mc_num}
+
+
+def _task_section(table: str, info: dict, minutes: float | None = None) -> str:
+    when = (
+        f" This section was measured on its own by `python examples/write_results.py --only-task` "
+        f"({minutes:.1f} minutes)."
+        if minutes is not None
+        else ""
+    )
+    return TASK_TEMPLATE.format(table=table, when=when, **info)
+
+
+def _splice_task(path: Path, section: str) -> None:
+    """Replace (or insert before the closing section) the lm-eval section of an existing RESULTS.md."""
+    text = path.read_text()
+    start, end = TASK_MARKERS
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
+    else:
+        anchor = "## Where a small byte-level pair"
+        text = text.replace(anchor, section + "\n\n" + anchor) if anchor in text else text + "\n" + section
+    path.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="calibration seeds")
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the script runs")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    parser.add_argument(
+        "--only-task",
+        action="store_true",
+        help="measure only section 4 (lm-eval task) and splice it into --out",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    if args.only_task:
+        pair = pipeline.load_pair()
+        with tempfile.TemporaryDirectory() as tmp:
+            store = calibration_store(pair, 0, 4 if args.quick else 32, Path(tmp) / "calib-0", args.quick)
+            table, info = task_table(pair, store, args.quick)
+        minutes = (time.perf_counter() - start) / 60
+        _splice_task(args.out, _task_section(table, info, minutes))
+        print(f"wrote section 4 of {args.out} in {minutes:.1f} min")
+        return 0
     figures = args.out.parent / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     pair = pipeline.load_pair()
@@ -237,12 +296,14 @@ def main(argv: list[str] | None = None) -> int:
         ]
         unstructured, dense_nll = unstructured_tables(pair, stores, heldout, eval_samples)
         structured = structured_table(pair, stores, heldout, eval_samples)
+        task, task_info = task_table(pair, stores[0], args.quick)
     minutes = (time.perf_counter() - start) / 60
     config = pair.dlm.config
     text = RESULTS_TEMPLATE.format(
         properties=properties,
         unstructured=unstructured,
         structured=structured,
+        task=_task_section(task, task_info),
         dense_nll=dense_nll,
         seeds=args.seeds,
         calib_rows=calib_rows,
@@ -310,6 +371,8 @@ median forward time of a (8, 128) batch on this CPU. NLL as above, mean ± std o
 
 {structured}
 
+{task}
+
 ## Where a small byte-level pair may differ from the paper's 8B models
 
 - Attention mass is in units of layers × heads = {mass_units} here (≈ 1,000 for LLaDA 8B), so the sink rule's
@@ -320,6 +383,20 @@ median forward time of a (8, 128) batch on this CPU. NLL as above, mean ± std o
 - The NLL differences between methods at 50% are small compared with the seed spread; read them as
   measurements of this pair, not as evidence for or against the paper's 8B results.
 """
+
+
+TASK_TEMPLATE = """<!-- lm-eval task: start -->
+## 4. lm-eval task: continuation of held-out windows
+
+`attnprobe_continuation` (`examples/tasks/`, run through the lm-eval model `attnprobe` of
+`prune/harness.py`): {items} items, each 96 bytes of a held-out window as context and four 31-byte
+choices, its own continuation and those of three other held-out windows (chance 0.25). The DLM is
+scored with LLaDA's Monte-Carlo estimator ({mc_num} draws per choice, the same draws for every choice
+and model), the AR twin exactly. Pruned: 50% unstructured, one-shot, calibration seed 0 of section 2.
+Standard errors are lm-eval's, over items (they include the Monte-Carlo noise).{when}
+
+{table}
+<!-- lm-eval task: end -->"""
 
 
 if __name__ == "__main__":
