@@ -1,9 +1,10 @@
 """Scale of block-wise sequential pruning: linear in depth, one block's memory, 8B widths on one GPU.
 
-- ``depth_time_ratio_<method>``: CPU seconds (``time.process_time``, robust to other jobs on a shared
-  machine; wall-clock ratio reported too) of ``prune.apply(..., sequential=True, sink_aware=True)`` on a
-  narrow bidirectional Llama (hidden 256, 8 heads, MLP 688) at depth 16 over depth 4, the same store
-  size (calibration windows × noise levels). Linear cost gives about 4; the old replay gave ~10.
+- ``depth_time_ratio_<method>``: CPU seconds (``time.process_time`` of a single-threaded child, robust
+  to other jobs on a shared machine; the wall-clock ratio is reported too) of
+  ``prune.apply(..., sequential=True, sink_aware=True)`` on a narrow bidirectional Llama (hidden 256,
+  8 heads, MLP 688) at depth 16 over depth 4, the same store size (calibration windows × noise
+  levels). Linear cost gives about 4; the old replay gave ~10.
 - ``depth_memory_ratio_<method>``: peak extra memory of the same runs, 16 over 4. Each run is a fresh
   subprocess; extra = peak RSS (``ru_maxrss``) − RSS before ``apply`` − what ``apply`` keeps by design
   until it returns: the result's masks and SparseGPT weights and the rollback copy of the original
@@ -95,7 +96,11 @@ def child(depth: int, wide: bool, method: str, store: str) -> None:
 
 def run_child(depth: int, wide: bool, method: str, store: Path) -> dict:
     args = [sys.executable, __file__, "--child", str(depth), str(int(wide)), method, str(store)]
-    out = subprocess.run(args, check=True, capture_output=True, text=True)
+    # Depth scaling runs single-threaded: on a shared machine, idle OpenMP threads spin and bill CPU
+    # time that has nothing to do with the work. The 8B-width runs use every thread.
+    threads = str(torch.get_num_threads()) if wide else "1"
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
+    out = subprocess.run(args, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -170,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         depth, wide, method, store = args.child
         child(int(depth), bool(int(wide)), method, store)
         return 0
-    result = {"device": "cpu", "threads": torch.get_num_threads()}
+    result = {"device": "cpu", "threads": torch.get_num_threads(), "depth_threads": 1}
     with tempfile.TemporaryDirectory() as tmp:
-        windows = 8 if args.quick else 16
+        windows = 8 if args.quick else 32
         result.update(windows=windows, length=128, noise_levels=2)
-        result.update(depth_scaling(Path(tmp), windows, 1 if args.quick else 2))
+        result.update(depth_scaling(Path(tmp), windows, 1 if args.quick else 3))
         if not args.skip_8b:
             result.update(eight_b(Path(tmp)))
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
