@@ -148,7 +148,7 @@ def task_table(masks_dir: Path, *, quick: bool):
     """Task accuracy ± standard error of the dense and pruned DLM (from the saved masks) and the AR twin."""
     import pandas as pd
 
-    limit, mc_num = (12, 2) if quick else (None, 16)
+    limit, mc_num = (12, 2) if quick else (None, 8)
     runs = [
         ("diffusion LM, dense", "tiny-dlm", None),
         ("diffusion LM, wanda 50%", "tiny-dlm", masks_dir / "wanda-unstructured-0.50.safetensors"),
