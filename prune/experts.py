@@ -129,17 +129,16 @@ def select(
     sets = model_experts(model)
     if not sets:
         return linears, {}
-    if store is not None and method != "magnitude":
-        check_store(model, store, sets)
     routers = router_names(sets)
     chosen: dict[str, nn.Module | SliceView] = {
         n: m for n, m in linears.items() if targets is not None or not _under(n, routers)
     }
     chosen.update({n: v for n, v in fused_slices(model, sets).items() if _matches(n, targets, ignore)})
     notes = {}
-    if store is not None and method != "magnitude":
+    expert_weights = {n for es in sets for n in es.weight_names()}
+    if store is not None and method != "magnitude" and expert_weights & set(chosen):
+        check_store(model, store, sets)  # only when experts are to be scored from it
         tokens = routed_tokens(store)
-        expert_weights = {n for es in sets for n in es.weight_names()}
         for name in chosen:
             # Absent from the store altogether (never recorded) is an error later, not a fallback.
             if name in expert_weights and tokens.get(name) == 0:
