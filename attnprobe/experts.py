@@ -229,8 +229,10 @@ def _tensors(value) -> list[Tensor]:
 
 
 def _index_in(tensors: list[Tensor], rows: int) -> Tensor | None:
+    """The first integer tensor with k ≥ 1 entries per row: the routing index ((N, k), or (N,) for top-1)."""
     for t in tensors:
-        if not t.is_floating_point() and t.dtype != torch.bool and t.dim() >= 2 and t.numel() % rows == 0:
+        integer = not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+        if integer and t.numel() >= rows and t.numel() % rows == 0:
             return t.reshape(rows, -1)
     return None
 
