@@ -9,6 +9,12 @@ layer (about 2 GiB per layer and sample at 4,096 tokens). Here queries are proce
 score tensor stays under ``max_chunk_bytes``, each chunk is reduced over its queries at once, and only
 the ``(batch, heads, keys)`` sum is kept. Nothing reads tensor values back to the host, so the function
 can run inside forward hooks on a GPU without synchronising it.
+
+Speed (docs/BENCHMARKS.md): the scores and probabilities of a chunk are the only large tensors. They
+are written into two reusable :class:`Workspace` buffers (``bmm(..., out=)``, ``softmax(..., out=)``):
+a fresh tensor per layer costs page faults on the CPU (a 32 MiB softmax output took 4x longer than
+the softmax itself) and allocator traffic on a GPU. The two buffers together stay under
+``max_chunk_bytes``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,35 @@ _FLOAT32_BYTES = 4
 # Filling blocked scores with the most negative finite float32 instead of -inf keeps softmax free of
 # NaN on fully blocked rows; those rows are then given weight 0 explicitly.
 _BLOCKED = torch.finfo(torch.float32).min
+
+
+class Workspace:
+    """A reusable float32 scratch buffer per device for the score chunks of :func:`attention_mass`.
+
+    Owned by whoever calls repeatedly (a recording owns one); never shared between threads. It holds
+    at most one chunk (``max_chunk_bytes``) per device.
+
+    Example:
+        >>> ws = Workspace()
+        >>> ws.take((2, 3), torch.device("cpu")).shape, ws.take((3,), torch.device("cpu")).shape
+        (torch.Size([2, 3]), torch.Size([3]))
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.device, int], Tensor] = {}
+
+    def take(self, shape: tuple[int, ...], device: torch.device, slot: int = 0) -> Tensor:
+        """An uninitialised float32 tensor of ``shape`` on ``device``, reusing buffer ``slot`` there."""
+        numel = math.prod(shape)
+        buffer = self._buffers.get((device, slot))
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=torch.float32, device=device)
+            self._buffers[(device, slot)] = buffer
+        return buffer[:numel].view(shape)
+
+    def clear(self) -> None:
+        """Release the buffers."""
+        self._buffers.clear()
 
 
 def _as_4d_mask(attn_mask: Tensor, target: tuple[int, int, int, int]) -> Tensor:
@@ -51,6 +86,7 @@ def attention_mass(
     enable_gqa: bool = False,
     query_valid: Tensor | None = None,
     max_chunk_bytes: int = 32 * 2**20,
+    workspace: Workspace | None = None,
 ) -> Tensor:
     """Attention mass per key of one SDPA call: softmax probabilities summed over queries.
 
@@ -75,7 +111,9 @@ def attention_mass(
         scale: score scale; ``1 / sqrt(head_dim)`` when None.
         enable_gqa: SDPA's flag; accepted for signature parity, grouping is inferred from the shapes.
         query_valid: optional bool ``(batch, queries)``; False rows (padded queries) add nothing.
-        max_chunk_bytes: upper bound on the float32 score tensor of one chunk of queries.
+        max_chunk_bytes: upper bound on the float32 scores and probabilities of one chunk of queries.
+        workspace: reuse its buffer for the score chunks (repeated calls, e.g. every layer of a
+            recording); None allocates one per call.
 
     Returns:
         float32 ``(batch, q_heads, keys)`` on the query's device.
@@ -156,13 +194,16 @@ def attention_mass(
                 .reshape(batch * q_heads, 1, queries)
             )
 
-        rows = max(1, max_chunk_bytes // (batch * q_heads * keys * _FLOAT32_BYTES))
+        rows = max(1, max_chunk_bytes // (2 * batch * q_heads * keys * _FLOAT32_BYTES))  # scores + probs
+        rows = min(rows, queries)
+        workspace = workspace if workspace is not None else Workspace()
         mass = None
         for start in range(0, queries, rows):
             stop = min(start + rows, queries)
             n = stop - start
             q_chunk = q[:, :, :, start:stop].reshape(batch * kv_heads, groups * n, head_dim)
-            scores = torch.bmm(q_chunk, k_t)  # (batch * kv_heads, groups * n, keys)
+            scores = workspace.take((batch * kv_heads, groups * n, keys), device)
+            torch.bmm(q_chunk, k_t, out=scores)  # (batch * kv_heads, groups * n, keys)
             grouped = scores.view(batch, kv_heads, groups, n, keys)
             if mask is not None:
                 grouped.add_(_chunk(mask, start, stop, kv_heads, groups))
@@ -172,11 +213,12 @@ def attention_mass(
                 # query i (absolute index start + row) sees keys 0..i
                 future = torch.ones(n, keys, dtype=torch.bool, device=device).triu_(start + 1)
                 grouped.masked_fill_(future, _BLOCKED)
-            probs = scores.view(batch * q_heads, n, keys).softmax(dim=-1)  # (batch * q_heads, n, keys)
+            probs = workspace.take((batch * q_heads, n, keys), device, slot=1)
+            torch.softmax(scores.view(batch * q_heads, n, keys), dim=-1, out=probs)
             if row_weight is None:
                 part = probs.sum(dim=1)
                 mass = part if mass is None else mass.add_(part)
-            else:
+            else:  # fully blocked rows (uniform after softmax of _BLOCKED) and padded queries weigh 0
                 w = row_weight[:, :, start:stop]  # (batch * q_heads, 1, n)
                 mass = torch.bmm(w, probs) if mass is None else mass.baddbmm_(w, probs)
         return mass.reshape(batch, q_heads, keys)

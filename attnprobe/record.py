@@ -47,7 +47,7 @@ from attnprobe import sinks
 from attnprobe.capture import SdpaCall, SdpaObserver
 from attnprobe.fingerprint import model_fingerprint
 from attnprobe.linear_stats import reduce_inputs
-from attnprobe.mass import attention_mass
+from attnprobe.mass import Workspace, attention_mass
 from attnprobe.registry import Targets, discover
 from attnprobe.store import TrajectoryStore
 from attnprobe.store_writer import StoreWriter
@@ -204,6 +204,7 @@ class Recording:
         self._heads: dict[str, list[int]] = {}
         self._hessians: dict[str, dict[str, Tensor]] = {}
         self._warned: set[str] = set()
+        self._workspace = Workspace()  # score chunks of the mass, reused across layers and steps
         self._state = "new"  # new -> open -> closed
         self._thread: int | None = None
         self.peak_buffer_bytes = 0
@@ -321,6 +322,7 @@ class Recording:
                 )
         finally:
             self._writer.close()
+            self._workspace.clear()
             self._state = "closed"
 
     def _attach(self) -> None:
@@ -489,6 +491,7 @@ class Recording:
             enable_gqa=call.enable_gqa,
             query_valid=query_valid,
             max_chunk_bytes=self.max_chunk_bytes,
+            workspace=self._workspace,
         )
         if valid is not None and tuple(valid.shape) == (batch, keys):
             # padding keys get no mass, even if the model let them; valid lives with the input ids, not
