@@ -2,10 +2,13 @@
 
 Prints progress lines, then one JSON object as its last line:
 
-- ``time_ratio``: median seconds of a recorded forward over a plain one (attention mass only, as
-  when recording a generation), alternating plain and recorded runs in one process, on a
-  bidirectional Llama (hidden 512, 8 layers, 8 heads, L = 512, batch 4).
-- ``time_ratio_linear_stats``: the same with one-pass linear-input statistics on.
+- ``time_ratio``: median seconds of a recorded forward over a plain one (attention mass only,
+  ``linear_stats=False``, as when recording a generation), alternating plain and recorded runs in one
+  process, on a bidirectional Llama (hidden 512, 8 layers, 8 heads, L = 512, batch 4). Measured in
+  ``--rounds`` rounds; ``time_ratio_rounds`` lists each round's ratio (the spread), ``time_ratio`` is
+  their median.
+- ``time_ratio_default``: the same for ``record()``'s defaults (one-pass linear-input statistics on),
+  with ``time_ratio_default_rounds``.
 - ``memory_ratio``: peak extra memory of recording (statistics off) at L = 4096 over the size of one
   (batch, heads, L, L) float32 matrix. Each measurement runs in a fresh subprocess; on CUDA the
   peak is ``torch.cuda.max_memory_allocated``, on CPU the peak resident set size (``ru_maxrss``), and
@@ -14,7 +17,8 @@ Prints progress lines, then one JSON object as its last line:
   (it grows with L × hidden × layers), and ``stats_extra_bytes_two_pass``: peak extra memory of
   two-pass statistics at the same size.
 
-Usage: ``python benchmarks/bench_record.py [--quick]``
+Usage: ``python benchmarks/bench_record.py [--quick] [--rounds N] [--profile]``; ``--profile`` prints
+where one recorded forward spends its time (cProfile, top functions by own time) and exits.
 """
 
 from __future__ import annotations
@@ -71,6 +75,24 @@ def time_ratio(model, batch: int, length: int, repeats: int, **record_options) -
     return statistics.median(recorded) / statistics.median(plain)
 
 
+def profile(model, batch: int = 4, length: int = 512, **record_options) -> None:
+    """Print the functions one recorded forward spends most time in (after a warm-up)."""
+    import cProfile
+    import pstats
+
+    import attnprobe
+
+    ids = torch.randint(0, 1024, (batch, length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        for name in ("warm", "profiled"):
+            with attnprobe.record(model, Path(tmp) / name, **record_options):
+                profiler = cProfile.Profile()
+                profiler.enable()
+                model(input_ids=ids)
+                profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+
+
 def _peak_child(mode: str, batch: int, length: int) -> None:
     """Run one forward in this (fresh) process and print its peak memory and buffer size."""
     import resource
@@ -114,6 +136,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and L = 1024 for memory")
     parser.add_argument("--child", choices=["plain", "mass", "one-pass", "two-pass"], help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (the spread is reported)")
+    parser.add_argument("--profile", action="store_true", help="profile one recorded forward and exit")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=4096)
     args = parser.parse_args()
@@ -123,11 +147,14 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     repeats = 3 if args.quick else 7
     model = build_model()
+    if args.profile:
+        profile(model, linear_stats=False)
+        return
     result = {"device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads()}
-    result["time_ratio"] = time_ratio(model, 4, 512, repeats)
-    print(f"time_ratio (mass only): {result['time_ratio']:.3f}", flush=True)
-    result["time_ratio_linear_stats"] = time_ratio(model, 4, 512, repeats, linear_stats=True)
-    print(f"time_ratio (one-pass linear stats): {result['time_ratio_linear_stats']:.3f}", flush=True)
+    for key, options in (("time_ratio", {"linear_stats": False}), ("time_ratio_default", {})):
+        rounds = [time_ratio(model, 4, 512, repeats, **options) for _ in range(max(1, args.rounds))]
+        result[key], result[f"{key}_rounds"] = statistics.median(rounds), [round(r, 3) for r in rounds]
+        print(f"{key}: {result[key]:.3f} (rounds {result[f'{key}_rounds']})", flush=True)
     length = 1024 if args.quick else args.length
     batch, heads = args.batch, model.config.num_attention_heads
     matrix = batch * heads * length * length * 4
