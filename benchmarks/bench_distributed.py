@@ -8,8 +8,8 @@ SparseGPT. Process start-up and imports are not timed. The masks of the two runs
 Prints progress lines, then one JSON object as its last line: ``seconds_1``, ``seconds_2``
 (median over ``--repeats``), ``speedup`` = seconds_1 / seconds_2, the calibration and apply parts
 of each, ``cpu_speedup`` (CPU seconds of one rank over those of the busiest of two: the wall-time
-speedup two otherwise idle cores would give) and ``mask_agreement`` (fraction of equal mask
-entries, 1 vs 2 ranks, both methods).
+speedup two otherwise idle cores would give) and ``mask_agreement`` (per method, the fraction
+of equal mask entries, 1 vs 2 ranks).
 
 Usage: ``python benchmarks/bench_distributed.py [--quick]``. The speedup is bounded by the cores
 that are free: on a 2-core machine shared with other work it is far from 2.
@@ -93,12 +93,11 @@ def main() -> None:
     total = {w: statistics.median(r["calibrate"] + r["apply"] for r in runs[w]) for w in runs}
     keys = ("calibrate", "apply", "cpu")
     part = {w: {k: statistics.median(r[k] for r in runs[w]) for k in keys} for w in runs}
-    agree = total_entries = 0
+    agreement = {}
     for method, masks in runs[1][0]["masks"].items():
         other = runs[2][0]["masks"][method]
-        for name, mask in masks.items():
-            agree += int((mask == other[name]).sum())
-            total_entries += mask.numel()
+        agree = sum(int((mask == other[name]).sum()) for name, mask in masks.items())
+        agreement[method] = agree / sum(mask.numel() for mask in masks.values())
     result = {
         "shape": shape,
         "repeats": repeats,
@@ -111,7 +110,7 @@ def main() -> None:
         "cpu_seconds_1": round(part[1]["cpu"], 3),
         "cpu_seconds_2_busiest_rank": round(part[2]["cpu"], 3),
         "cpu_speedup": round(part[1]["cpu"] / part[2]["cpu"], 3),
-        "mask_agreement": agree / total_entries,
+        "mask_agreement": agreement,
         "cpu_count": torch.multiprocessing.cpu_count(),
     }
     print(json.dumps(result))
