@@ -98,7 +98,8 @@ def record_generation(
 ) -> Tensor:
     """Record a generation trajectory of the DLM (LLaDA sampler) or the AR twin (greedy)."""
     model = pair.dlm if kind == "dlm" else pair.ar
-    with attnprobe.record(model, path, mask_token_id=pair.mask_token_id, overwrite=True):
+    # A generation is recorded for plots: attention alone (linear_stats=False), no input statistics.
+    with attnprobe.record(model, path, mask_token_id=pair.mask_token_id, linear_stats=False, overwrite=True):
         if kind == "dlm":
             out = attnprobe.generate(
                 model,
