@@ -23,7 +23,10 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from prune.wanda import accumulation_term, finish_norm
+
 KINDS = ("sumsq", "norms", "hessian")
+_ACCUMULATE = {"sumsq": "wanda", "norms": "reference"}  # the input-norm kinds, as prune.wanda names them
 
 # Rows of (batch · tokens) reduced at once: bounds the float32 temporaries of a bf16 activation.
 _ROWS_PER_CHUNK = 4096
@@ -68,16 +71,14 @@ class InputStatistics:
                 continue
             # (chunk, 1, tokens) x (chunk, tokens, in) -> per-sequence Σ_t w² x², no (t, in) temporary
             per_seq = torch.bmm(wb.square()[:, None, :], xb.square()).squeeze(1)
-            self.total.add_(per_seq.sum(0) if self.kind == "sumsq" else per_seq.sqrt().sum(0))
+            self.total.add_(accumulation_term(per_seq, _ACCUMULATE[self.kind]))
         self.nsamples.add_(batch)
 
     def norm(self) -> Tensor:
         """Wanda's input norm: ``sqrt(mean sumsq)`` or the sum of norms; (in,) float32."""
-        if self.kind == "sumsq":
-            return (self.total / self.nsamples.clamp(min=1)).sqrt()
-        if self.kind == "norms":
-            return self.total
-        raise RuntimeError("a Hessian accumulator has no input norm")
+        if self.kind not in _ACCUMULATE:
+            raise RuntimeError("a Hessian accumulator has no input norm")
+        return finish_norm(self.total, self.nsamples, _ACCUMULATE[self.kind])
 
     def hessian(self) -> Tensor:
         """SparseGPT's ``H = 2/N · Σ x̃ x̃ᵀ`` (in, in) float32, scaled in place once (no copy)."""
