@@ -26,15 +26,31 @@ WORLD = 2
 def runs(tmp_path_factory):
     """Two ranks record and prune a sharded store; one process does the same on the same windows."""
     tmp = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_workers.parity, args=(WORLD, str(tmp)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
-    net = _workers.model()
+    procs = mp.start_processes(
+        _workers.parity, args=(WORLD, str(tmp)), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    net = _workers.model()  # meanwhile, the one-process reference
     single = _workers.calibrate_into(net, tmp / "single")
+    reference = _workers.prune_cases(net, single)
+    for proc in procs.processes:
+        proc.join(300)
+    for proc in procs.processes:  # a rank stuck waiting for a failed peer
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    # rank 1 dies on purpose in the second part (the killed-rank test); anything else is a failure
+    exitcodes = [p.exitcode for p in procs.processes]
+    for rank in range(WORLD):
+        if not (tmp / f"rank{rank}.pt").exists():
+            pytest.fail(f"rank {rank} exited with {exitcodes[rank]} before saving its results")
+    ranks = [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
     return {
+        "tmp": tmp,
         "sharded": attnprobe.open(tmp / "sharded"),
         "single": attnprobe.open(tmp / "single"),
         "ranks": ranks,
-        "reference": _workers.prune_cases(net, single),
+        "reference": reference,
+        "exitcodes": exitcodes,
         "model": net,
     }
 
@@ -142,14 +158,29 @@ def test_sparsegpt_layer_error_matches_one_process(runs, case):
             assert error(rank0[name]) <= 1.001 * error(reference[name]) + 1e-9, name
 
 
-def test_killed_rank_leaves_a_readable_store_that_appends(tmp_path):
-    procs = mp.start_processes(
-        _workers.killed, args=(WORLD, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    for proc in procs.processes:
-        proc.join(120)
-    assert [p.exitcode for p in procs.processes] == [0, 17]
-    store = attnprobe.open(tmp_path / "sharded")
+def test_every_rank_raises_what_one_rank_got_wrong(runs):
+    errors = [r["seen"]["errors"] for r in runs["ranks"]]
+    for rank_errors in errors:
+        assert "the ranks disagree on calibrate()" in rank_errors["calibrate"]
+        assert rank_errors["unchanged"]  # no weight changed on any rank
+    assert errors[1]["apply"].startswith("ValueError: statistics for model.layers.1.mlp.down_proj")
+    assert errors[0]["apply"].startswith("RuntimeError: prune.apply failed on rank 1 (ValueError")
+
+
+def test_group_appends_a_session_of_shards(runs):
+    grown = attnprobe.open(runs["tmp"] / "grown")
+    assert [(s["dir"], s["num_steps"]) for s in grown.shards] == [
+        ("rank-00000", 1), ("rank-00001", 1), ("append-001-rank-00000", 1), ("append-001-rank-00001", 1)
+    ]
+    assert [grown.rank_of(step) for step in range(4)] == [0, 1, 0, 1]
+    assert torch.equal(grown.input_ids(3), _workers.windows()[1:2])
+    assert grown.step_meta(3)["session"] == 1
+
+
+def test_killed_rank_leaves_a_readable_store_that_appends(runs):
+    assert runs["exitcodes"] == [0, 17]
+    tmp_path = runs["tmp"]
+    store = attnprobe.open(tmp_path / "killed")
     # rank 0: 3 windows x 2 levels; rank 1 died in its third forward, after two complete steps.
     assert [s["num_steps"] for s in store.shards] == [6, 2]
     assert store.num_steps == 8
@@ -159,7 +190,7 @@ def test_killed_rank_leaves_a_readable_store_that_appends(tmp_path):
     net = _workers.model()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with attnprobe.record(net, tmp_path / "sharded", append=True, hessians=True) as appended:
+        with attnprobe.record(net, tmp_path / "killed", append=True, hessians=True) as appended:
             net(input_ids=_workers.windows()[:1])
     assert appended.num_steps == 9 and store.num_steps == 9
     assert store.shards[-1]["dir"] == "append-001-rank-00000" and store.rank_of(8) == 0
