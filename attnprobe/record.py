@@ -242,6 +242,9 @@ class Recording:
     def __len__(self) -> int:
         return self.store.num_steps
 
+    def __bool__(self) -> bool:  # a recording is truthy even before it starts (len() would raise)
+        return True
+
     def __iter__(self) -> Iterator[int]:
         return iter(range(len(self)))
 
