@@ -242,7 +242,7 @@ def _now() -> str:
 def _top_manifest(world: int, fingerprint: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     from attnprobe.store_writer import StoreWriter
 
-    base = StoreWriter._new_manifest(fingerprint, options)
+    base = StoreWriter.new_manifest(fingerprint, options)
     return {
         **base,
         "schema_version": SHARDED_SCHEMA_VERSION,
@@ -256,7 +256,7 @@ def _top_manifest(world: int, fingerprint: dict[str, Any], options: dict[str, An
 
 def _prepare(root: Path, world: int, fingerprint, options, overwrite: bool, append: bool) -> list[str]:
     """Rank 0: check ``root``, write (or extend) the top manifest; return every rank's shard dir."""
-    from attnprobe.store_writer import StoreWriter, _differing
+    from attnprobe.store_writer import StoreWriter
 
     if root.exists() and not root.is_dir():
         raise ValueError(f"cannot record into {root}: it is a file. Choose a directory path.")
@@ -269,7 +269,7 @@ def _prepare(root: Path, world: int, fingerprint, options, overwrite: bool, appe
             )
         manifest = read_manifest(root)
         if append and is_sharded(manifest):
-            return _add_session(root, manifest, world, fingerprint, options, _differing)
+            return _add_session(root, manifest, world, fingerprint, options)
         if append:
             raise ValueError(
                 f"{root} holds a store written by one process; a process group of {world} ranks cannot "
@@ -285,17 +285,18 @@ def _prepare(root: Path, world: int, fingerprint, options, overwrite: bool, appe
             )
         delete_store(root)
     root.mkdir(parents=True, exist_ok=True)
-    StoreWriter._write_manifest(root, _top_manifest(world, fingerprint, options))
+    StoreWriter.write_manifest(root, _top_manifest(world, fingerprint, options))
     return [shard_dirname(0, r) for r in range(world)]
 
 
-def _add_session(root: Path, manifest, world: int, fingerprint, options, differing) -> list[str]:
-    from attnprobe.store_writer import StoreWriter
+def _add_session(root: Path, manifest, world: int, fingerprint, options) -> list[str]:
+    """Rank 0 of an appending group: add a session of ``world`` shards to the top manifest."""
+    from attnprobe.store_writer import StoreWriter, differing_fields
 
     existing = ShardedStore(root)
     for what, before, after in (("fingerprint", existing.fingerprint, fingerprint),
                                 ("options", existing.options, options)):
-        keys = differing(before, after)
+        keys = differing_fields(before, after)
         if keys:
             raise ValueError(
                 f"cannot append to {root / MANIFEST}: its {what} differs in {keys}. Append only recordings "
@@ -306,7 +307,7 @@ def _add_session(root: Path, manifest, world: int, fingerprint, options, differi
     manifest.setdefault("sessions", []).append({"world_size": world, "created": _now()})
     manifest["shards"] = [*manifest["shards"], *({"dir": d, "rank": r, "session": session}
                                                  for r, d in enumerate(dirs))]
-    StoreWriter._write_manifest(root, manifest)
+    StoreWriter.write_manifest(root, manifest)
     logger.info("attnprobe: appending session %d (%d ranks) to %s", session, world, root)
     return dirs
 
@@ -320,12 +321,12 @@ def delete_store(root: Path) -> None:
         for entry in reversed(manifest["shards"]):
             shard = root / entry["dir"]
             if (shard / MANIFEST).is_file():
-                StoreWriter._delete_store(shard)
+                StoreWriter.delete_store(shard)
             if shard.is_dir() and not any(shard.iterdir()):
                 shard.rmdir()
         (root / MANIFEST).unlink()
         return
-    StoreWriter._delete_store(root)
+    StoreWriter.delete_store(root)
 
 
 def create_sharded(

@@ -123,7 +123,7 @@ def _normalise(value: Any, what: str) -> Any:
     return json.loads(_dumps(value, what))
 
 
-def _differing(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def differing_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Keys set (non-empty) on both sides with different values."""
     both = old.keys() & new.keys()
     return sorted(k for k in both if not _unset(old[k]) and not _unset(new[k]) and old[k] != new[k])
@@ -227,7 +227,7 @@ class StoreWriter:
         if path is None:
             tempdir = tempfile.TemporaryDirectory(prefix="attnprobe-", ignore_cleanup_errors=True)
             root = Path(tempdir.name)
-            cls._write_manifest(root, cls._new_manifest(fingerprint, options))
+            cls.write_manifest(root, cls.new_manifest(fingerprint, options))
             (root / STEPS_DIR).mkdir()
             return cls(TrajectoryStore(root, _tempdir=tempdir))
         root = Path(path)
@@ -256,10 +256,10 @@ class StoreWriter:
                     f"{root} already holds an attnprobe store ({count} steps); pass overwrite=True to "
                     "replace it, append=True to add steps to it, or choose another path."
                 )
-            cls._delete_store(root)
+            cls.delete_store(root)
         root.mkdir(parents=True, exist_ok=True)
         (root / STEPS_DIR).mkdir(exist_ok=True)
-        cls._write_manifest(root, cls._new_manifest(fingerprint, options))
+        cls.write_manifest(root, cls.new_manifest(fingerprint, options))
         return cls(TrajectoryStore(root))
 
     @classmethod
@@ -269,7 +269,7 @@ class StoreWriter:
         old = existing.fingerprint
         checks = (("fingerprint", old, fingerprint), ("options", existing.options, options))
         for what, before, after in checks:
-            keys = _differing(before, after)
+            keys = differing_fields(before, after)
             if keys:
                 shown = "; ".join(f"{k}: stored {before[k]!r}, now {after[k]!r}" for k in keys)
                 raise ValueError(
@@ -286,7 +286,8 @@ class StoreWriter:
         return writer
 
     @staticmethod
-    def _new_manifest(fingerprint: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    def new_manifest(fingerprint: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+        """A schema-1 manifest for a new store (also the base of a sharded store's top manifest)."""
         return {
             "schema_version": SCHEMA_VERSION,
             "format": FORMAT,
@@ -297,12 +298,13 @@ class StoreWriter:
         }
 
     @staticmethod
-    def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+        """Write ``root/manifest.json`` atomically."""
         text = json.dumps(manifest, indent=2) + "\n"
         _atomic_write(root / MANIFEST, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
 
     @staticmethod
-    def _delete_store(root: Path) -> None:
+    def delete_store(root: Path) -> None:
         """Delete the store's own files; the manifest last, so an interruption leaves a store."""
         if is_sharded(read_manifest(root)):
             from attnprobe.shards import delete_store
@@ -352,7 +354,7 @@ class StoreWriter:
         self._check_open()
         manifest = read_manifest(self.path)
         manifest["fingerprint"].update(_normalise(fields, "fingerprint fields"))
-        self._write_manifest(self.path, manifest)
+        self.write_manifest(self.path, manifest)
         self._store._reload()
 
     def write_step(
