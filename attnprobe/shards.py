@@ -350,6 +350,13 @@ def create_sharded(
     plan = distributed.broadcast_object(plan, src=0)
     if isinstance(plan, BaseException):
         raise plan
+    unseen = None
+    if not (path / MANIFEST).is_file():  # rank 0 wrote it before the broadcast
+        unseen = StoreError(
+            f"rank {me} does not see the store manifest rank 0 wrote at {path / MANIFEST}: in a process "
+            "group, record into a path on a filesystem every rank sees (or record without a path)."
+        )
+    distributed.raise_if_any_failed(unseen, "record()")
     shard = StoreWriter.create(path / plan[me], fingerprint=fingerprint, options=options, _single=True)
     return StoreWriter(shard.store, view=ShardedStore(path, _local=shard.store))
 
