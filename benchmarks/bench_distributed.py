@@ -11,8 +11,9 @@ of each, ``cpu_speedup`` (CPU seconds of one rank over those of the busiest of t
 speedup two otherwise idle cores would give) and ``mask_agreement`` (per method, the fraction
 of equal mask entries, 1 vs 2 ranks).
 
-Usage: ``python benchmarks/bench_distributed.py [--quick]``. The speedup is bounded by the cores
-that are free: on a 2-core machine shared with other work it is far from 2.
+Usage: ``python benchmarks/bench_distributed.py [--quick] [--sequential]`` (``--sequential``: apply
+block-wise, each rank running its share of the steps, block statistics all-reduced). The speedup is
+bounded by the cores that are free: on a 2-core machine shared with other work it is far from 2.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def _worker(rank: int, world: int, tmp: str, shape: dict) -> None:
     masks = {}
     for method in ("wanda", "sparsegpt"):
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        masks[method] = prune.apply(model, store, 0.5, method=method, progress=False).masks
+        result = prune.apply(model, store, 0.5, method=method, sequential=shape["sequential"], progress=False)
+        masks[method] = result.masks
         model.load_state_dict(state)
     cpu = time.process_time() - cpu_start  # this rank's own work (and waiting spins), whatever the load
     torch.distributed.barrier()
@@ -76,11 +78,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller model, one repeat")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--sequential", action="store_true", help="block-wise apply: steps split, statistics all-reduced"
+    )
     args = parser.parse_args()
     shape = {"layers": 4, "hidden": 256, "windows": 8, "tokens": 128}
     repeats = args.repeats
     if args.quick:
         shape, repeats = {"layers": 2, "hidden": 128, "windows": 4, "tokens": 64}, 1
+    shape["sequential"] = args.sequential
     runs: dict[int, list[dict]] = {1: [], 2: []}
     for i in range(repeats):
         for world in (1, 2):  # alternate, so that load changes on the machine hit both alike
