@@ -359,24 +359,30 @@ def _apply_sequential(
     notes: dict[str, str] = {}
     fallback = replace(how, method="magnitude")  # experts no weighted calibration row reached
 
+    def plan_one(name, module, stats):  # module: an nn.Linear, or a fused expert slice (SliceView)
+        group = stats.of(name) if stats is not None else None
+        if stats is not None and group is None:
+            raise ValueError(
+                f"{name} received no input while its block ran over the calibration steps; exclude "
+                "it with ignore= or check that the block calls it"
+            )
+        starved = stats is not None and stats.starved(name)
+        norm = group.norm() if how.method == "wanda" and not starved else None
+        hessian = group.hessian() if how.method == "sparsegpt" and not starved else None
+        return _plan_linear(name, module, fallback if starved else how, norm, hessian)
+
     def prune_block(block, stats) -> None:
-        block_plan = {}
-        for name in block.linears:
-            module = linears[name]  # an nn.Linear, or a fused expert slice (prune.experts.SliceView)
-            group = stats.of(name) if stats is not None else None
-            if stats is not None and group is None:
-                raise ValueError(
-                    f"{name} received no input while its block ran over the calibration steps; exclude "
-                    "it with ignore= or check that the block calls it"
-                )
-            starved = stats is not None and stats.starved(name)
-            if starved:
+        for name in block.linears:  # on every rank: another rank may plan the linear
+            if stats is not None and stats.of(name) is not None and stats.starved(name):
                 notes[name] = experts_mod.FALLBACK_NOTE
-            norm = group.norm() if how.method == "wanda" and not starved else None
-            hessian = group.hessian() if how.method == "sparsegpt" and not starved else None
-            mask, new_weight, row = _plan_linear(name, module, fallback if starved else how, norm, hessian)
-            block_plan[name] = (mask, new_weight)
-            rows.append(row)
+        # In a process group each rank plans a share of the block's linears (prune.distributed).
+        block_plan, block_rows = plan_linears(
+            {name: linears[name] for name in block.linears},
+            lambda name, module: plan_one(name, module, stats),
+            method=how.method,
+            progress=False,
+        )
+        rows.extend(block_rows)
         for name, (mask, new_weight) in block_plan.items():  # the whole block planned: now write it
             backup[name] = linears[name].weight.detach().to(offload_device, copy=True)
             _write(linears[name], mask, new_weight)
