@@ -12,8 +12,8 @@ Block-wise sequential pruning (:mod:`prune.blockwise`) is data-parallel instead,
 sequential pipeline is: :func:`share_steps` gives each rank the contiguous share of the calibration
 steps that :func:`attnprobe.distributed.shard_range` names, every rank runs each block over its share,
 and :func:`all_reduce_block_statistics` (the engine's per-block hook) sums the block's statistics
-over the ranks before the block is pruned. The sums are identical on every rank, so every rank
-plans and writes the same masks.
+over the ranks before the block is pruned; the block's linears are then planned with
+:func:`plan_linears` like one-shot's, from sums that are identical on every rank.
 """
 
 from __future__ import annotations
