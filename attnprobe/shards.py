@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+_UNSET = (None, [], {}, "")  # a field not known yet (layers before a shard's first step)
+
 
 class ShardedStore(TrajectoryStore):
     """Reads a process group's shards as one store (open it with ``attnprobe.open(path)``).
@@ -143,10 +145,20 @@ class ShardedStore(TrajectoryStore):
         if self._local is not None:
             return getattr(self._local, key)
         merged = dict(self._current_manifest().get(key) or {})
+        seen_in: dict[str, Path] = {}
         for shard in self._present():
             for field, value in getattr(shard, key).items():
-                if merged.get(field) in (None, [], {}, ""):
-                    merged[field] = value
+                if value in _UNSET:
+                    continue
+                if merged.get(field) in _UNSET or field not in seen_in:
+                    merged[field], seen_in[field] = value, shard.path
+                elif merged[field] != value:
+                    raise StoreError(
+                        f"the shards of {self._path} disagree on {key} field {field!r} "
+                        f"({seen_in[field].name} vs {shard.path.name}): they were recorded from different "
+                        "models or options. Open "
+                        "each shard alone with attnprobe.open(path / shard_dir), or record again."
+                    )
         return merged
 
     @property

@@ -7,6 +7,8 @@ single store does, step for step, and the pruned models must agree.
 
 from __future__ import annotations
 
+import json
+import shutil
 import warnings
 
 import pytest
@@ -175,6 +177,17 @@ def test_group_appends_a_session_of_shards(runs):
     assert [grown.rank_of(step) for step in range(4)] == [0, 1, 0, 1]
     assert torch.equal(grown.input_ids(3), _workers.windows()[1:2])
     assert grown.step_meta(3)["session"] == 1
+
+
+def test_shards_of_different_models_are_refused(runs, tmp_path):
+    copy = tmp_path / "grown"
+    shutil.copytree(runs["tmp"] / "grown", copy)
+    manifest = copy / "rank-00001" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["fingerprint"]["model_class"] = "SomethingElse"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(attnprobe.StoreError, match="disagree on fingerprint field 'model_class'"):
+        attnprobe.open(copy).fingerprint
 
 
 def test_killed_rank_leaves_a_readable_store_that_appends(runs):
