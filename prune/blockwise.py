@@ -276,6 +276,14 @@ def prune_blockwise(
             also measures routed experts).
         progress: show a progress bar over the blocks.
     """
+    if device is not None and any(hasattr(m, "_hf_hook") for m in model.modules()):
+        # accelerate's hooks move every input to the device they were given: they would fight onloading
+        raise ValueError(
+            f"device={device!r} onloads blocks itself, but this model carries accelerate hooks "
+            "(dispatch_model / device_map). Either drop device= (each block then runs where accelerate "
+            "put it), or load the model without a device_map (or remove the hooks with "
+            "accelerate.hooks.remove_hook_from_module(model, recurse=True)) and keep device=."
+        )
     finish = finish_statistics or _finish_block_statistics
     make_statistics = statistics or (lambda block, kind: BlockStatistics(block.linears, kind))
     blocks = find_blocks(model, linear_names)

@@ -124,6 +124,10 @@ def test_accelerate_dispatched_model_records_and_prunes(tmp_path):
         assert torch.equal(result.masks[name], mask), name
     one_shot = prune.apply(copy.deepcopy(reference), store, 0.5, method="wanda", progress=False)
     assert set(one_shot.masks) == set(expected)
+    with pytest.raises(ValueError, match="accelerate hooks"):
+        prune.apply(  # (already pruned above: its weights differ from the recorded sample)
+            dispatched, store, 0.5, sequential=True, device="cpu", allow_other_weights=True, progress=False
+        )
 
 
 def test_accelerate_offloaded_weights_are_refused_with_a_pointer_to_onloading(tmp_path):
