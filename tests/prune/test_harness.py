@@ -30,7 +30,7 @@ def _req(*args):
 
 @pytest.fixture(scope="module")
 def dlm() -> AttnprobeLM:
-    return AttnprobeLM(pretrained=str(MODELS / "tiny-dlm"), mc_num=8, batch_size=64, device="cpu")
+    return AttnprobeLM(pretrained=str(MODELS / "tiny-dlm"), mc_num=4, batch_size=64, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_loglikelihood_is_prune_evaluate_llada_times_length(dlm, windows):
             torch.tensor([window]),
             estimator="llada",
             prompt_length=1 + CONTEXT,
-            num_samples=8,
+            num_samples=dlm.mc_num,
             seed=dlm.seed,
             progress=False,
         )
@@ -110,7 +110,7 @@ def test_rolling_is_the_masked_diffusion_bound_of_prune_evaluate(dlm, windows):
             torch.tensor([window]),
             estimator="llada",
             prompt_length=1,
-            num_samples=8,
+            num_samples=dlm.mc_num,
             seed=dlm.seed,
             progress=False,
         )
@@ -182,7 +182,7 @@ def test_masks_argument_evaluates_the_pruned_model(tmp_path, dlm, windows):
     path = prune.save_masks(
         result.masks, tmp_path / "masks.safetensors", settings=result.settings, model=model
     )
-    loaded = AttnprobeLM(pretrained=str(MODELS / "tiny-dlm"), masks=str(path), mc_num=8, device="cpu")
+    loaded = AttnprobeLM(pretrained=str(MODELS / "tiny-dlm"), masks=str(path), mc_num=4, device="cpu")
     for name, param in model.named_parameters():
         assert torch.equal(param, dict(loaded.model.named_parameters())[name]), name
     request = [_req(_text(windows[0][1 : 1 + CONTEXT]), _text(windows[0][1 + CONTEXT :]))]
