@@ -551,21 +551,6 @@ class Recording(StepReduction):
             f"at {es.capture}); its per-expert statistics are not recorded.",
         )
 
-    def _reduce_routed(self, forward: Forward, weights: Tensor, candidates: Tensor) -> dict[str, dict]:
-        """Per-expert statistics of the MoE layers this forward ran, releasing their held inputs."""
-        modules = dict(self.model.named_modules())
-        out: dict[str, dict] = {}
-        for es, hidden, index in forward.routed.values():
-            grid = (forward.batch, forward.tokens)
-            valid = forward.valid if forward.valid is not None else hidden.new_ones(grid, dtype=torch.bool)
-            out.update(
-                moe.reduce_experts(
-                    modules, es, hidden, index, valid, weights, candidates, hessians=self._want_hessians
-                )
-            )
-        forward.routed.clear()
-        return out
-
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnprobe import experts as moe
 from attnprobe import sinks
 from attnprobe.linear_stats import reduce_inputs
 
@@ -181,4 +182,19 @@ class StepReduction:
         forward.inputs.clear()  # release the held activations
         forward.seen.clear()
         out.update(self._reduce_routed(forward, weights, candidates))
+        return out
+
+    def _reduce_routed(self, forward: Forward, weights: Tensor, candidates: Tensor) -> dict[str, dict]:
+        """Per-expert statistics of the MoE layers this forward ran, releasing their held inputs."""
+        modules = dict(self.model.named_modules())
+        out: dict[str, dict] = {}
+        for es, hidden, index in forward.routed.values():
+            grid = (forward.batch, forward.tokens)
+            valid = forward.valid if forward.valid is not None else hidden.new_ones(grid, dtype=torch.bool)
+            out.update(
+                moe.reduce_experts(
+                    modules, es, hidden, index, valid, weights, candidates, hessians=self._want_hessians
+                )
+            )
+        forward.routed.clear()
         return out
