@@ -286,11 +286,11 @@ def prune_blockwise(
         )
     finish = finish_statistics or _finish_block_statistics
     make_statistics = statistics or (lambda block, kind: BlockStatistics(block.linears, kind))
-    blocks = find_blocks(model, linear_names)
-    selected = [i for i, block in enumerate(blocks) if block.linears]
+    every_block = find_blocks(model, linear_names)
+    selected = [i for i, block in enumerate(every_block) if block.linears]
     if not selected:
         return
-    blocks = blocks[: selected[-1] + 1]
+    blocks = every_block[: selected[-1] + 1]  # the blocks after the last selected one never run
     bar = tqdm(blocks, desc="prune block-wise", disable=not progress)
     if statistic is None:
         for block in bar:
@@ -298,7 +298,7 @@ def prune_blockwise(
                 with onloaded(block.module, device):
                     prune_block(block, None)
         return
-    with onloaded(model, device, exclude=[block.module for block in blocks]):
+    with onloaded(model, device, exclude=[block.module for block in every_block]):
         cache = capture_inputs(model, blocks[0], steps, device=device, offload_device=offload_device)
     for index, block in enumerate(bar):
         with onloaded(block.module, device):

@@ -82,6 +82,25 @@ def test_onloading_visits_one_block_at_a_time_with_identical_masks(tmp_path, mon
         assert torch.equal(result.masks[name], mask)
 
 
+def test_capture_onloads_no_block_even_when_later_blocks_are_not_pruned(tmp_path, monkeypatch):
+    model = models.llama_bidirectional(num_hidden_layers=3)
+    store = _record(model, tmp_path / "s")
+    excluded = []
+    real = blockwise.onloaded
+
+    def spy(modules, device, *, exclude=()):
+        excluded.append(len(list(exclude)))
+        return real(modules, device, exclude=exclude)
+
+    monkeypatch.setattr(blockwise, "onloaded", spy)
+    result = prune.apply(
+        model, store, 0.5, sequential=True, targets=r".*layers\.0\..*", device="cpu", progress=False
+    )
+    assert excluded[0] == 3  # all three blocks stay where they are during the capture
+    assert excluded[1:] == [0]  # then only block 0 runs: nothing after the last pruned block
+    assert all(name.startswith("model.layers.0.") for name in result.masks)
+
+
 def test_device_needs_sequential(tmp_path):
     model = models.tiny_llada()
     store = _record(model, tmp_path / "s")
