@@ -36,23 +36,33 @@ def _sharpen(model, factor=5.0):
     return model
 
 
-def _record(model, path, n=3, length=16, **options):
+def _record(model, path, n=3, length=16, attention_mask=None, **options):
     ids = torch.randint(3, 60, (n, length), generator=torch.Generator().manual_seed(0))
     ids[:, 0] = 1
     with attnprobe.record(model, path, mask_token_id=MASK, **options) as store:
-        attnprobe.calibrate(model, ids, mask_token_id=MASK, steps=4, sample_interval=2, progress=False)
+        attnprobe.calibrate(
+            model,
+            ids,
+            mask_token_id=MASK,
+            steps=4,
+            sample_interval=2,
+            attention_mask=attention_mask,
+            progress=False,
+        )
     return store
 
 
 def _sink_weights(store, step, sink_aware):
-    """w = 1 − sigmoid(α (mass − mean − k·std)), mass summed over layers and heads (float64)."""
-    valid = store.valid(step)
+    """w = 1 − sigmoid(α (mass − mean − k·std)) on valid tokens, 0 on padding; mass summed over
+    layers and heads, mean and population std over valid tokens (float64)."""
+    valid = store.valid(step).double()
     if not sink_aware:
-        return torch.ones(valid.shape, dtype=torch.float64)
+        return valid
     mass = sum(store.layer_mass(step, layer).double().sum(1) for layer in range(len(store.layers)))
-    mean = mass.mean(-1, keepdim=True)
-    std = mass.std(-1, unbiased=False, keepdim=True)
-    return 1 - torch.sigmoid(5.0 * (mass - (mean + 2.0 * std)))
+    count = valid.sum(-1, keepdim=True)
+    mean = (mass * valid).sum(-1, keepdim=True) / count
+    std = (((mass - mean) ** 2 * valid).sum(-1, keepdim=True) / count).sqrt()
+    return (1 - torch.sigmoid(5.0 * (mass - (mean + 2.0 * std)))) * valid
 
 
 def _blocks(model):
@@ -83,7 +93,9 @@ def reference_sequential(
             ]
             handles.append(modules[block].register_forward_hook(lambda *a: (_ for _ in ()).throw(_Stop())))
             try:
-                model(input_ids=store.input_ids(step))
+                valid = store.valid(step)
+                padding = {} if bool(valid.all()) else {"attention_mask": valid.long()}
+                model(input_ids=store.input_ids(step), **padding)
             except _Stop:
                 pass
             for h in handles:
@@ -192,3 +204,25 @@ def test_reference_accumulation_equals_the_quadratic_procedure(tmp_path):
     )
     for name, mask in expected.items():
         assert torch.equal(result.masks[name], mask), name
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_padding_is_left_out_as_in_the_quadratic_procedure(tmp_path, method):
+    model = _sharpen(models.llama_bidirectional(num_hidden_layers=3))
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[1, 11:] = 0  # the second window is 11 tokens long
+    store = _record(model, tmp_path / "s", attention_mask=mask)
+    assert any(not bool(store.valid(step).all()) for step in range(store.num_steps))
+    expected = reference_sequential(model, store, method, True)
+    result = prune.apply(
+        copy.deepcopy(model),
+        store,
+        0.5,
+        method=method,
+        sink_aware=True,
+        sequential=True,
+        blocksize=16,
+        progress=False,
+    )
+    for name, m in expected.items():
+        assert torch.equal(result.masks[name], m), name
