@@ -16,6 +16,10 @@ How it hooks in, without editing modeling code:
   step's forwards after the mass is known and reduces inside the hooks, for when the buffer does not
   fit.
 
+The attention-side hooks live in :mod:`attnprobe.attention_hooks`, the linear and routed-expert input
+hooks in :mod:`attnprobe.input_hooks`, the end-of-step reduction in :mod:`attnprobe.step_reduce`; this
+module holds the lifecycle, the steps and the reading view.
+
 Every handle, the mode and the registration are owned by the :class:`Recording` and removed in
 ``__exit__`` in reverse order, whatever ends the block, and the store's writer is closed. The attention
 mass and linear statistics of a step reach disk when the step ends; Hessians (``hessians=True``) are
@@ -38,14 +42,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from attnprobe import experts as moe
-from attnprobe.capture import SdpaCall, SdpaObserver
+from attnprobe.attention_hooks import AttentionHooks
+from attnprobe.capture import SdpaObserver
 from attnprobe.fingerprint import model_fingerprint
-from attnprobe.linear_stats import reduce_inputs
-from attnprobe.mass import Workspace, attention_mass
+from attnprobe.input_hooks import InputHooks
+from attnprobe.mass import Workspace
 from attnprobe.registry import Targets, discover
 from attnprobe.step_reduce import Forward, Replay, Step, StepReduction
 from attnprobe.store import TrajectoryStore
@@ -98,7 +102,7 @@ def _token_grid(args: tuple, kwargs: dict) -> tuple[Tensor | None, Tensor | None
 _READING_API = frozenset(name for name in dir(TrajectoryStore) if not name.startswith("_"))
 
 
-class Recording(StepReduction):
+class Recording(AttentionHooks, InputHooks, StepReduction):
     """A recording in progress and, after it closes, the store it wrote.
 
     The reading API of :class:`~attnprobe.TrajectoryStore` (``num_steps``, ``layers``,
@@ -298,20 +302,9 @@ class Recording(StepReduction):
         add = self._handles.append
         add(self.model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
         add(self.model.register_forward_hook(self._on_model_end, with_kwargs=True, always_call=True))
-        for name in self.layout.attention:
-            module = modules[name]
-            add(module.register_forward_pre_hook(lambda m, a, n=name: self._enter_attention(n)))
-            add(
-                module.register_forward_hook(
-                    lambda m, a, o, n=name: self._leave_attention(n), always_call=True
-                )
-            )
+        self._handles.extend(self._attach_attention_hooks(modules))
         if self._want_stats:
-            for name in self.layout.linears:
-                if name not in self._expert_linears:
-                    add(modules[name].register_forward_pre_hook(lambda m, a, n=name: self._on_linear(n, a)))
-            for handle in moe.attach(self.model, self._experts, self._on_routing, self._routing_unread):
-                add(handle)
+            self._handles.extend(self._attach_input_hooks(modules))
         self._mode = SdpaObserver(self._on_sdpa)
         self._mode.open()
         _ACTIVE[self.model] = self
@@ -340,10 +333,14 @@ class Recording(StepReduction):
             ...         cond, uncond = model(ids), model(ids_unconditional)
         """
         if self._state != "open":
-            raise RuntimeError(self._not_started("store.step()") if self._state == "new" else (
-                "store.step() was used after the record() block closed; open a new one with "
-                "attnprobe.record(model, path, append=True)."
-            ))
+            raise RuntimeError(
+                self._not_started("store.step()")
+                if self._state == "new"
+                else (
+                    "store.step() was used after the record() block closed; open a new one with "
+                    "attnprobe.record(model, path, append=True)."
+                )
+            )
         if self._step is not None:
             raise RuntimeError("steps do not nest: a step is already open on this recording")
         self._step = Step(meta={**self._pending_meta, **meta})
@@ -363,9 +360,13 @@ class Recording(StepReduction):
     def annotate(self, **meta: Any) -> None:
         """Attach metadata to the open step, or to the next one when none is open."""
         if self._state != "open":
-            raise RuntimeError(self._not_started("store.annotate()") if self._state == "new" else (
-                "store.annotate() was used after the record() block closed; the store is read-only now."
-            ))
+            raise RuntimeError(
+                self._not_started("store.annotate()")
+                if self._state == "new"
+                else (
+                    "store.annotate() was used after the record() block closed; the store is read-only now."
+                )
+            )
         if self._step is not None:
             self._step.meta.update(meta)
         else:
@@ -417,139 +418,6 @@ class Recording(StepReduction):
         if not self._explicit:
             step, self._step = self._step, None
             self._finish_step(step)
-
-    # -- hooks ---------------------------------------------------------------------------------------
-
-    def _enter_attention(self, name: str) -> None:
-        if not self._other_thread():
-            self._attention_stack.append(name)
-
-    def _leave_attention(self, name: str) -> None:
-        if self._other_thread():
-            return
-        if self._attention_stack and self._attention_stack[-1] == name:
-            self._attention_stack.pop()
-        if self._forward is not None:
-            self._forward.attention_calls += 1
-
-    def _on_sdpa(self, call: SdpaCall) -> None:
-        forward = self._forward
-        if self._replay is not None or forward is None:
-            return
-        if not self._attention_stack:
-            self._warn_once(
-                "unattributed",
-                "scaled_dot_product_attention was called outside the attention modules attnprobe found "
-                f"({len(self.layout.attention)} modules, e.g. {self.layout.attention[0]!r}); that call is "
-                "not recorded. Pass targets= to record() to choose the attention modules.",
-            )
-            return
-        forward.sdpa_calls += 1
-        layer = self._attention_stack[-1]
-        batch, q_heads, queries, head_dim = call.query.shape
-        keys = call.key.shape[-2]
-        valid = forward.valid
-        query_valid = valid if valid is not None and tuple(valid.shape) == (batch, queries) else None
-        mass = attention_mass(
-            call.query,
-            call.key,
-            call.attn_mask,
-            is_causal=call.is_causal,
-            scale=call.scale,
-            enable_gqa=call.enable_gqa,
-            query_valid=query_valid,
-            max_chunk_bytes=self.max_chunk_bytes,
-            workspace=self._workspace,
-        )
-        if valid is not None and tuple(valid.shape) == (batch, keys):
-            # padding keys get no mass, even if the model let them; valid lives with the input ids, not
-            # necessarily on this layer's device (a model dispatched over several devices)
-            mass = mass * valid.to(mass.device)[:, None, :]
-        if layer in forward.mass:  # a layer called twice in one forward adds up
-            forward.mass[layer] = forward.mass[layer] + mass
-        else:
-            forward.mass[layer] = mass
-        if layer not in self._heads:
-            self._heads[layer] = [q_heads, call.key.shape[1], head_dim]
-
-    def _on_linear(self, name: str, args: tuple) -> None:
-        if self._other_thread() or self.two_pass and self._replay is None:
-            return  # two-pass: inputs are reduced when the step is replayed
-        forward = self._replay.forward if self._replay is not None else self._forward
-        if forward is None or not args or not isinstance(args[0], Tensor):
-            return
-        x = args[0].detach()
-        grid = (forward.batch, forward.tokens)
-        if x.dim() == 2 and None not in grid and x.shape[0] == forward.batch * forward.tokens:
-            x = x.view(forward.batch, forward.tokens, -1)
-        if None in grid or tuple(x.shape[:-1]) != grid:
-            self._warn_once(
-                f"grid:{name}",
-                f"{name} got input of shape {tuple(x.shape)}, not (batch, tokens, features) = {grid}; its "
-                "input statistics are not recorded (token routing, e.g. mixture-of-experts).",
-            )
-            return
-        # Linears fed the very same tensor (q/k/v, gate/up) form one input group, reduced once. The weak
-        # reference guards against a freed tensor's id being reused by a later input.
-        seen = forward.seen.get(id(args[0]))
-        if seen is not None and seen[1]() is args[0]:
-            forward.groups[seen[0]].append(name)
-            return
-        if name in forward.groups:
-            self._warn_once(
-                f"twice:{name}", f"{name} ran twice in one forward; only its first input is used."
-            )
-            return
-        forward.seen[id(args[0])] = (name, weakref.ref(args[0]))
-        forward.groups[name] = [name]
-        if self._replay is not None:
-            replay = self._replay
-            valid = forward.valid if forward.valid is not None else x.new_ones(grid, dtype=torch.bool)
-            replay.results[name] = reduce_inputs(
-                x, valid, replay.weights, replay.candidates, hessians=self._want_hessians
-            )
-            return
-        forward.inputs[name] = x
-        earlier = self._step.forwards if self._step is not None else []
-        held = sum(t.numel() * t.element_size() for f in [*earlier, forward] for t in f.inputs.values())
-        self.peak_buffer_bytes = max(self.peak_buffer_bytes, held)
-
-    def _on_routing(self, es: moe.ExpertSet, hidden: Tensor, index: Tensor) -> None:
-        if self._other_thread() or self.two_pass and self._replay is None:
-            return
-        forward = self._replay.forward if self._replay is not None else self._forward
-        if forward is None:
-            return
-        if None in (forward.batch, forward.tokens) or hidden.shape[0] != forward.batch * forward.tokens:
-            self._warn_once(
-                f"routing:{es.name}",
-                f"{es.name} got {hidden.shape[0]} rows, not batch · tokens = {forward.batch} · "
-                f"{forward.tokens}; its per-expert statistics are not recorded.",
-            )
-            return
-        if es.name in forward.routed:
-            message = f"{es.name} ran twice in one forward; only its first call counts."
-            self._warn_once(f"twice:{es.name}", message)
-            return
-        forward.routed[es.name] = (es, hidden, index)
-        for expert in range(es.num_experts):
-            forward.groups.update(es.groups(expert))
-        if self._replay is not None:
-            replay = self._replay
-            replay.results.update(self._reduce_routed(forward, replay.weights, replay.candidates))
-            return
-        # One-pass: the hidden states are held until the step ends, like the linear inputs.
-        forwards = [*(self._step.forwards if self._step is not None else []), forward]
-        held = [t for f in forwards for t in f.inputs.values()]
-        held += [h for f in forwards for _, h, _ in f.routed.values()]
-        self.peak_buffer_bytes = max(self.peak_buffer_bytes, sum(t.numel() * t.element_size() for t in held))
-
-    def _routing_unread(self, es: moe.ExpertSet) -> None:
-        self._warn_once(
-            f"routing:{es.name}",
-            f"could not read the hidden states and routing index of {es.name} ({es.adapter} experts, hooked "
-            f"at {es.capture}); its per-expert statistics are not recorded.",
-        )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
