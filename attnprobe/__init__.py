@@ -8,7 +8,8 @@ Example:
 """
 
 from attnprobe import distributed, experts, sinks, trajectory
-from attnprobe.calibrate import calibrate
+from attnprobe.block_mass import BlockMassRecording
+from attnprobe.calibrate import calibrate, calibration_steps
 from attnprobe.experts import ExpertSet, discover_experts, expert_weight
 from attnprobe.fingerprint import fingerprint_problems, model_fingerprint
 from attnprobe.linear_stats import reduce_inputs
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 # The public API. `prune` builds only on these names (never on attnprobe's internal modules).
 __all__ = [
+    "BlockMassRecording",
     "ExpertSet",
     "ModelLayout",
     "Recording",
@@ -30,6 +32,7 @@ __all__ = [
     "StoreError",
     "TrajectoryStore",
     "calibrate",
+    "calibration_steps",
     "discover",
     "distributed",
     "discover_experts",

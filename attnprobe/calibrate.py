@@ -14,7 +14,8 @@ gives them in the same order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -150,23 +151,77 @@ def calibrate(
         starts = starts[share.start : share.stop]
     bar = tqdm(total=len(starts) * len(levels), desc="calibrate", unit="step", disable=not progress)
     with bar:
-        for start in starts:
-            rows = slice(start, start + batch_size)
-            clean = input_ids[rows]
-            noise = _window_noise(range(start, start + len(clean)), len(levels), clean.shape[1], seed)
-            for level, t in enumerate(levels):
-                p_mask = (1 - eps) * t + eps
-                masked = (noise[:, level] < p_mask) & ~protected[rows]
-                noisy = torch.where(masked.to(clean.device), torch.full_like(clean, mask_token_id), clean)
-                kwargs = {"input_ids": noisy}
-                if attention_mask is not None:
-                    kwargs["attention_mask"] = attention_mask[rows]
-                with recording.step(
-                    t=t, p_mask=p_mask, sequences=list(range(rows.start, rows.start + len(clean)))
-                ):
-                    model(**kwargs)
-                bar.update()
+        for kwargs, meta in _noised_batches(
+            input_ids, starts, batch_size, levels, mask_token_id, eps, seed, protected, attention_mask
+        ):
+            with recording.step(**meta):
+                model(**kwargs)
+            bar.update()
     return len(starts) * len(levels)
+
+
+def _noised_batches(
+    input_ids: Tensor,
+    starts: Sequence[int],
+    batch_size: int,
+    levels: list[float],
+    mask_token_id: int,
+    eps: float,
+    seed: int,
+    protected: Tensor,
+    attention_mask: Tensor | None,
+) -> Iterator[tuple[dict[str, Tensor], dict[str, Any]]]:
+    """(model keyword arguments, step metadata) of each (batch, noise level), batch-major."""
+    for start in starts:
+        rows = slice(start, start + batch_size)
+        clean = input_ids[rows]
+        noise = _window_noise(range(start, start + len(clean)), len(levels), clean.shape[1], seed)
+        for level, t in enumerate(levels):
+            p_mask = (1 - eps) * t + eps
+            masked = (noise[:, level] < p_mask) & ~protected[rows]
+            noisy = torch.where(masked.to(clean.device), torch.full_like(clean, mask_token_id), clean)
+            kwargs = {"input_ids": noisy}
+            if attention_mask is not None:
+                kwargs["attention_mask"] = attention_mask[rows]
+            yield kwargs, {"t": t, "p_mask": p_mask, "sequences": list(range(start, start + len(clean)))}
+
+
+def calibration_steps(
+    input_ids: Tensor,
+    *,
+    mask_token_id: int,
+    steps: int = 50,
+    sample_interval: int = 5,
+    eps: float = 1e-3,
+    seed: int = 0,
+    batch_size: int = 1,
+    keep: Sequence[int] | Tensor | None = None,
+    attention_mask: Tensor | None = None,
+) -> Iterator[tuple[dict[str, Tensor], dict[str, Any]]]:
+    """The forwards :func:`calibrate` runs, without running them: ``(model kwargs, step metadata)``.
+
+    Same arguments and order as :func:`calibrate` on one process (every batch, no sharding), so a
+    driver that runs the model its own way (block by block, ``prune.record_blockwise``) records the
+    very same steps. The metadata is what :func:`calibrate` stores with each step (``t``, ``p_mask``,
+    ``sequences``).
+
+    Example:
+        >>> ids = torch.arange(8).view(2, 4)
+        >>> [meta["t"] for _, meta in calibration_steps(ids, mask_token_id=0, steps=4, sample_interval=2)]
+        [0.5, 1.0, 0.5, 1.0]
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (sequences, tokens), got shape {tuple(input_ids.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    levels = noise_levels(steps, sample_interval)
+    protected = _protected(input_ids.shape, keep)
+    if attention_mask is not None:
+        protected |= attention_mask.cpu() == 0
+    starts = range(0, input_ids.shape[0], batch_size)
+    yield from _noised_batches(
+        input_ids, starts, batch_size, levels, mask_token_id, eps, seed, protected, attention_mask
+    )
 
 
 def _sharded(recording) -> bool:

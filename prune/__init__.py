@@ -15,6 +15,7 @@ from prune.apply import METHODS, PruneResult, apply
 from prune.checkpoint import save_pretrained
 from prune.evaluate import EvalResult, evaluate
 from prune.io import load_masks, save_masks
+from prune.record_blockwise import record_blockwise
 
 __all__ = [
     "METHODS",
@@ -23,6 +24,7 @@ __all__ = [
     "apply",
     "evaluate",
     "load_masks",
+    "record_blockwise",
     "save_masks",
     "save_pretrained",
 ]
