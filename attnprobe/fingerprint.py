@@ -1,7 +1,10 @@
 """What a store (or a mask file) was recorded from, and whether a model is that model.
 
 A fingerprint holds the model class, each block linear's shape and a *weight sample*: a few strided
-entries of each linear's weight, taken when the recording starts. Shapes tell architectures apart;
+entries of each linear's weight, taken when the recording starts. Fused experts keep their weights in
+3-D parameters ``(experts, out, in)`` (:mod:`attnprobe.experts`), not in ``nn.Linear``s: each such
+parameter gets its own strided sample with its shape (``expert_weight_sample``; stores written before
+it have none and compare linears only). Shapes tell architectures apart;
 the sample tells checkpoints of one architecture apart (a store recorded from the base model is
 refused for a fine-tuned sibling unless the caller says ``allow_other_weights=True``).
 
@@ -20,6 +23,12 @@ from torch import Tensor, nn
 WEIGHT_SAMPLES = 16  # entries sampled per linear: enough to catch any real fine-tune, cheap to store
 
 
+def _flat_positions(numel: int, count: int = WEIGHT_SAMPLES) -> Tensor:
+    """Flat indices of the midpoints of ``count`` equal strides of ``numel`` entries."""
+    count = min(count, numel)
+    return ((2 * torch.arange(count, dtype=torch.int64) + 1) * numel) // (2 * count)
+
+
 def sample_positions(shape: tuple[int, int], count: int = WEIGHT_SAMPLES) -> tuple[Tensor, Tensor]:
     """Rows and columns of the sampled entries of a ``(out, in)`` weight: midpoints of ``count`` strides.
 
@@ -28,9 +37,7 @@ def sample_positions(shape: tuple[int, int], count: int = WEIGHT_SAMPLES) -> tup
         >>> list(zip(rows.tolist(), cols.tolist()))
         [(0, 2), (1, 2), (2, 2), (3, 2)]
     """
-    numel = shape[0] * shape[1]
-    count = min(count, numel)
-    flat = ((2 * torch.arange(count, dtype=torch.int64) + 1) * numel) // (2 * count)
+    flat = _flat_positions(shape[0] * shape[1], count)
     return flat // shape[1], flat % shape[1]
 
 
@@ -50,12 +57,47 @@ def weight_sample(weight: Tensor) -> dict[str, Any] | None:
     return {"dtype": str(weight.dtype).removeprefix("torch."), "values": values.float().cpu().tolist()}
 
 
-def model_fingerprint(model: nn.Module, linears: list[str]) -> dict[str, Any]:
-    """Class, linear shapes and weight samples of ``model``'s named linears.
+def expert_sample(param: Tensor) -> dict[str, Any] | None:
+    """Shape, dtype and strided entries of a 3-D (fused experts) parameter; None if it has no values.
+
+    The entries are gathered by index, so a parameter of many GiB is never copied or made contiguous.
+
+    Example:
+        >>> expert_sample(torch.arange(8.0).view(2, 2, 2))["values"][:3]
+        [0.0, 1.0, 2.0]
+    """
+    if param.dim() != 3 or param.device.type == "meta" or param.numel() == 0:
+        return None
+    index = torch.unravel_index(_flat_positions(param.numel()).to(param.device), tuple(param.shape))
+    values = param.detach()[index]
+    return {
+        "shape": list(param.shape),
+        "dtype": str(param.dtype).removeprefix("torch."),
+        "values": values.float().cpu().tolist(),
+    }
+
+
+def fused_parameters(model: nn.Module) -> list[str]:
+    """Names of ``model``'s 3-D floating-point parameters: the fused expert weights.
+
+    Example:
+        >>> fused_parameters(nn.Sequential(nn.Linear(4, 2)))
+        []
+    """
+    return [n for n, p in model.named_parameters() if p.dim() == 3 and p.is_floating_point()]
+
+
+def model_fingerprint(model: nn.Module, linears: list[str], fused: list[str] | None = None) -> dict[str, Any]:
+    """Class, linear shapes and weight samples of ``model``'s named linears and fused expert weights.
+
+    Args:
+        model: the model.
+        linears: names of the ``nn.Linear`` modules to describe.
+        fused: names of the 3-D parameters to sample; default :func:`fused_parameters` (all of them).
 
     Example:
         >>> sorted(model_fingerprint(nn.Sequential(nn.Linear(4, 2)), ["0"]))
-        ['linears', 'model_class', 'weight_sample']
+        ['expert_weight_sample', 'linears', 'model_class', 'weight_sample']
     """
     modules = dict(model.named_modules())
     samples = {}
@@ -63,10 +105,17 @@ def model_fingerprint(model: nn.Module, linears: list[str]) -> dict[str, Any]:
         sample = weight_sample(modules[name].weight)
         if sample is not None:
             samples[name] = sample
+    params = dict(model.named_parameters())
+    experts = {}
+    for name in fused_parameters(model) if fused is None else fused:
+        sample = expert_sample(params[name])
+        if sample is not None:
+            experts[name] = sample
     return {
         "model_class": type(model).__name__,
         "linears": {name: [modules[name].out_features, modules[name].in_features] for name in linears},
         "weight_sample": samples,
+        "expert_weight_sample": experts,
     }
 
 
@@ -82,15 +131,61 @@ def _same_weights(stored: dict[str, Any], weight: Tensor, keep: Tensor | None) -
             return False
         rows, cols = sample_positions(tuple(keep.shape))
         keep = keep.to("cpu", torch.bool)[rows, cols]
-    mine = weight_sample(weight)
+    return _same_values(stored, weight_sample(weight), weight.dtype, keep)
+
+
+def _same_values(stored: dict[str, Any], mine: dict[str, Any] | None, dtype, keep: Tensor | None) -> bool:
+    """Whether two samples agree in the coarser dtype (only at positions where ``keep`` is True)."""
     if mine is None or len(mine["values"]) != len(stored.get("values", [])):
         return mine is None  # nothing to compare on a meta weight; a different count is a different shape
-    coarse = max(_dtype(stored.get("dtype", "float32")), weight.dtype, key=lambda d: torch.finfo(d).eps)
+    coarse = max(_dtype(stored.get("dtype", "float32")), dtype, key=lambda d: torch.finfo(d).eps)
     a = torch.tensor(stored["values"], dtype=torch.float32).to(coarse).float()
     b = torch.tensor(mine["values"], dtype=torch.float32).to(coarse).float()
     # One unit of the coarse dtype's precision absorbs double rounding (float16 vs bfloat16).
     close = torch.isclose(a, b, rtol=torch.finfo(coarse).eps, atol=torch.finfo(coarse).tiny)
     return bool(close[keep].all() if keep is not None else close.all())
+
+
+def _expert_keep(name: str, shape: tuple[int, int, int], keep: dict[str, Tensor]) -> Tensor | None:
+    """Which sampled entries of 3-D ``name`` are kept, from the ``(out, in)`` masks of its slices.
+
+    A slice is ``<name>.<e>`` (:func:`attnprobe.experts.expert_weight`); a slice without a mask keeps
+    every entry, a mask of another shape keeps none (the comparison then finds a difference).
+    """
+    if not any(k.startswith(f"{name}.") for k in keep):
+        return None
+    experts, rows, cols = torch.unravel_index(_flat_positions(shape[0] * shape[1] * shape[2]), shape)
+    kept = []
+    for e, r, c in zip(experts.tolist(), rows.tolist(), cols.tolist()):
+        mask = keep.get(f"{name}.{e}")
+        if mask is None:
+            kept.append(True)
+        else:
+            kept.append(tuple(mask.shape) == shape[1:] and bool(mask[r, c]))
+    return torch.tensor(kept, dtype=torch.bool)
+
+
+def _expert_problems(stored: dict[str, Any], model: nn.Module) -> list[str]:
+    params = dict(model.named_parameters())
+    problems = []
+    for name, sample in stored.items():
+        param = params.get(name)
+        if param is None or param.dim() != 3:
+            problems.append(f"{name} missing")
+        elif list(param.shape) != list(sample.get("shape", [])):
+            problems.append(f"{name} shape {list(sample.get('shape', []))} vs {list(param.shape)}")
+    return problems
+
+
+def _expert_differ(stored: dict[str, Any], model: nn.Module, keep: dict[str, Tensor]) -> list[str]:
+    params = dict(model.named_parameters())
+    differ = []
+    for name, sample in stored.items():
+        param = params[name]
+        mask = _expert_keep(name, tuple(param.shape), keep)
+        if not _same_values(sample, expert_sample(param), param.dtype, mask):
+            differ.append(name)
+    return differ
 
 
 def fingerprint_problems(
@@ -106,11 +201,13 @@ def fingerprint_problems(
         stored: a fingerprint as :func:`model_fingerprint` made it (older stores lack ``weight_sample``).
         model: the model to check.
         check_weights: compare weight samples too.
-        keep: per linear, a bool ``(out, in)`` keep-mask: only kept entries are compared (a pruned
-            model's sample is zero where it was pruned); linears absent compare every sampled entry.
+        keep: per linear (or fused expert slice ``<param>.<e>``), a bool ``(out, in)`` keep-mask: only
+            kept entries are compared (a pruned model's sample is zero where it was pruned); linears
+            absent compare every sampled entry.
 
     Returns:
-        ``(architecture problems, linears whose weights differ)``; both empty when ``model`` matches.
+        ``(architecture problems, linears and fused expert parameters whose weights differ)``; both empty
+        when ``model`` matches.
 
     Example:
         >>> m = nn.Sequential(nn.Linear(4, 2))
@@ -127,6 +224,8 @@ def fingerprint_problems(
             problems.append(f"{name} missing")
         elif [module.out_features, module.in_features] != list(shape):
             problems.append(f"{name} shape {list(shape)} vs {[module.out_features, module.in_features]}")
+    experts = stored.get("expert_weight_sample") or {}  # absent in stores written before it existed
+    problems += _expert_problems(experts, model)
     differ = []
     if check_weights and not problems:
         for name, sample in (stored.get("weight_sample") or {}).items():
@@ -134,5 +233,5 @@ def fingerprint_problems(
             mask = (keep or {}).get(name)
             if isinstance(module, nn.Linear) and not _same_weights(sample, module.weight, mask):
                 differ.append(name)
+        differ += _expert_differ(experts, model, keep or {})
     return problems, differ
-

@@ -166,8 +166,14 @@ def _fingerprint_problems(model: nn.Module, stored: dict[str, Any], masks, weigh
     # Linears whose weights the file replaces need not match; the others are compared where kept (the
     # saved model was pruned, so its sample is zero where the mask prunes).
     samples = {k: v for k, v in (stored.get("weight_sample") or {}).items() if k not in weights}
+    # A fused 3-D expert parameter is skipped when the file replaces any of its slices (<param>.<e>).
+    replaced = {name.rpartition(".")[0] for name in weights}
+    experts = {k: v for k, v in (stored.get("expert_weight_sample") or {}).items() if k not in replaced}
     problems, differ = fingerprint_problems(
-        {**stored, "weight_sample": samples}, model, check_weights=not allow_other_weights, keep=masks
+        {**stored, "weight_sample": samples, "expert_weight_sample": experts},
+        model,
+        check_weights=not allow_other_weights,
+        keep=masks,
     )
     if differ:
         problems.append(
