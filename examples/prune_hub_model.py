@@ -6,8 +6,11 @@ The full recipe for models of any size (LLaDA-8B, Dream-7B, ...) with only one b
 2. cut a calibration text file into windows of ``--seq-len`` tokens;
 3. record the calibration trajectory (forward noising, ``--steps``/``--sample-interval``) into an
    attention-only store: input ids and every layer's attention mass, which is all that sink weights and
-   block-wise pruning need. With ``--device`` the model streams through the device one block per forward
-   (``prune.onload.streamed``), so the recording never needs the whole model there;
+   block-wise pruning need. With ``--device`` the dense model runs block by block
+   (``prune.record_blockwise``: each block visits the device once and runs over every step), so the
+   recording never needs the whole model there; ``--record streamed`` instead runs ordinary
+   whole-model forwards with the blocks streamed through the device (``prune.onload.streamed``, each
+   block's weights moved once per forward). Without ``--device`` everything runs on the CPU;
 4. prune block-wise and sequentially: ``prune.apply(..., sequential=True, device=...)`` onloads one
    block at a time, measures it on the outputs of the pruned blocks before it, prunes it, moves it back;
 5. write the masks, the report, a summary and the pruned checkpoint (``save_pretrained``) to
@@ -60,6 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--batch-size", type=int, default=8, help="windows per recorded forward (spreads block transfers)"
     )
     parser.add_argument("--mask-token-id", type=int, default=None, help="default: from the config")
+    parser.add_argument(
+        "--record",
+        choices=("blockwise", "streamed", "whole"),
+        default=None,
+        help="how the calibration store is recorded; default: blockwise with --device, else whole",
+    )
     parser.add_argument("--eval-windows", type=int, default=0, help="held-out windows to score")
     parser.add_argument("--no-save-model", action="store_true", help="skip save_pretrained")
     return parser.parse_args(argv)
@@ -111,6 +120,24 @@ def mask_token(args, model, tokenizer) -> int:
     raise SystemExit("no mask token id in the config or tokenizer: pass --mask-token-id (LLaDA: 126336)")
 
 
+def record(args, model, calibration: torch.Tensor, mask_id: int, on_device):
+    """The attention-only calibration store, recorded block-wise or with whole-model forwards."""
+    path = args.output / "calibration"
+    noising = dict(steps=args.steps, sample_interval=args.sample_interval, batch_size=args.batch_size)
+    if (args.record or ("blockwise" if args.device else "whole")) == "blockwise":
+        return prune.record_blockwise(
+            model, calibration, path, mask_token_id=mask_id, device=args.device, overwrite=True, **noising
+        )
+    streaming = on_device if args.record == "streamed" else nullcontext
+    with (
+        streaming(),
+        attnprobe.record(model, path, mask_token_id=mask_id, linear_stats=False, overwrite=True) as store,
+    ):
+        device = args.device if args.record == "streamed" else "cpu"  # where the model's embedding is
+        attnprobe.calibrate(model, calibration.to(device or "cpu"), mask_token_id=mask_id, **noising)
+    return store
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -123,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     log.info("calibration: %d windows of %d tokens", *calibration.shape)
     blocks = [block.module for block in find_blocks(model, [])]
-    # Forwards of the whole model (recording, evaluation) stream the blocks through the device.
+    # Whole-model forwards (evaluation; --record streamed) stream the blocks through the device.
     on_device = (lambda: streamed(model, blocks, args.device)) if args.device else nullcontext
 
     def score() -> float | None:
@@ -143,21 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         "nll_dense": score(),
     }
     start = time.perf_counter()
-    with (
-        on_device(),
-        attnprobe.record(
-            model, args.output / "calibration", mask_token_id=mask_id, linear_stats=False, overwrite=True
-        ) as store,
-    ):
-        attnprobe.calibrate(
-            model,
-            calibration.to(args.device or "cpu"),  # where the (streamed) model's embedding is
-            mask_token_id=mask_id,
-            steps=args.steps,
-            sample_interval=args.sample_interval,
-            batch_size=args.batch_size,
-            progress=True,
-        )
+    summary["record"] = args.record or ("blockwise" if args.device else "whole")
+    store = record(args, model, calibration, mask_id, on_device)
     summary["record_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
     result = prune.apply(

@@ -22,6 +22,7 @@ from tiny_tokenizer import ByteTokenizer  # noqa: E402
 # A trust_remote_code checkpoint as LLaDA ships it: config + modeling file beside the weights. The
 # modules are the test model's (tests/models.py): LLaDA's names and call structure.
 MODELING = """
+import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -52,7 +53,12 @@ class TinyLLaDAModelLM(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module):
-        pass
+        # Weights come from the checkpoint; the rotary inv_freq buffer is not saved (non-persistent), and
+        # transformers 5 builds the model on the meta device: recompute it, or it holds uninitialised memory.
+        if hasattr(module, "inv_freq"):
+            dim = 2 * module.inv_freq.numel()
+            arange = torch.arange(0, dim, 2, dtype=torch.float32, device=module.inv_freq.device)
+            module.inv_freq.copy_(1.0 / 10000.0 ** (arange / dim))
 
     def forward(self, input_ids, attention_mask=None, **kwargs):
         return self.model.forward(input_ids=input_ids, attention_mask=attention_mask)
@@ -129,3 +135,26 @@ def test_recipe_runs_offline_on_a_remote_code_checkpoint(tmp_path, monkeypatch):
     store = attnprobe.open(out / "calibration")  # 4 windows per forward x 2 noise levels
     assert store.num_steps == 2 and store.valid(0).shape == (4, 64)
     assert not store.options["linear_stats"]  # attention and input ids are all block-wise pruning reads
+    assert summary["record"] == "blockwise" and store.options["recorded"] == "block-wise"  # --device default
+
+
+def test_streamed_recording_gives_the_blockwise_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoint = tmp_path / "tiny-llada"
+    _save_checkpoint(checkpoint)
+    text = tmp_path / "calibration.txt"
+    text.write_text("In the beginning was the word, and the word was with the model. " * 12)
+    stores = {}
+    for mode in ("blockwise", "streamed"):
+        out = tmp_path / mode
+        argv = [str(checkpoint), "--trust-remote-code", "--calibration", str(text), "--output", str(out)]
+        argv += ["--seq-len", "64", "--windows", "4", "--steps", "4", "--sample-interval", "2"]
+        argv += ["--batch-size", "2", "--device", "cpu", "--record", mode, "--no-save-model"]
+        assert prune_hub_model.main(argv) == 0
+        assert json.loads((out / "summary.json").read_text())["record"] == mode
+        stores[mode] = attnprobe.open(out / "calibration")
+    blockwise, streamed = stores["blockwise"], stores["streamed"]
+    assert blockwise.num_steps == streamed.num_steps == 4
+    for step in range(streamed.num_steps):
+        assert torch.equal(blockwise.input_ids(step), streamed.input_ids(step))
+        torch.testing.assert_close(blockwise.attention_mass(step), streamed.attention_mass(step))
