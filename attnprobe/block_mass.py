@@ -5,7 +5,7 @@ run one block at a time over every calibration step (``prune.record_blockwise`` 
 captures the first block's inputs and feeds each block the previous block's outputs). This module is
 attnprobe's side of it: :class:`BlockMassRecording` sees the SDPA calls made inside one block call
 (:class:`~attnprobe.capture.SdpaObserver`, attributed to attention modules by pre/post hooks as in
-the recorder), computes their mass with :func:`attnprobe.mass.attention_mass` (padded queries add
+the recorder), computes their mass with :func:`attnprobe.mass.sdpa_call_mass` (padded queries add
 nothing, padded keys get nothing, GQA and ``is_causal`` as SDPA) and, once every block has run,
 writes an ordinary store: one file per step with every layer's mass, ``valid``, ``input_ids`` and the
 step's metadata, read by :func:`attnprobe.open` like a recorded one (``linear_stats=False``).
@@ -34,44 +34,10 @@ from torch import Tensor, nn
 from attnprobe import experts as moe
 from attnprobe.capture import SdpaCall, SdpaObserver
 from attnprobe.fingerprint import model_fingerprint
-from attnprobe.mass import Workspace, attention_mass
+from attnprobe.mass import Workspace, sdpa_call_mass
 from attnprobe.registry import Targets, discover
 from attnprobe.store import TrajectoryStore
 from attnprobe.store_writer import StoreWriter
-
-
-def sdpa_call_mass(
-    call: SdpaCall,
-    valid: Tensor | None,
-    *,
-    max_chunk_bytes: int = 32 * 2**20,
-    workspace: Workspace | None = None,
-) -> Tensor:
-    """Attention mass ``(batch, heads, keys)`` of one SDPA call, with the recorder's padding rule.
-
-    ``valid`` (bool ``(batch, tokens)``, False on padding, or None) masks the queries when it matches
-    their grid, and zeroes the mass of padding keys when it matches the keys' grid, even if the model
-    let queries attend to them.
-    """
-    batch, _, queries, _ = call.query.shape
-    keys = call.key.shape[-2]
-    query_valid = valid if valid is not None and tuple(valid.shape) == (batch, queries) else None
-    if query_valid is not None:
-        query_valid = query_valid.to(call.query.device)
-    mass = attention_mass(
-        call.query,
-        call.key,
-        call.attn_mask,
-        is_causal=call.is_causal,
-        scale=call.scale,
-        enable_gqa=call.enable_gqa,
-        query_valid=query_valid,
-        max_chunk_bytes=max_chunk_bytes,
-        workspace=workspace,
-    )
-    if valid is not None and tuple(valid.shape) == (batch, keys):
-        mass = mass * valid.to(mass.device)[:, None, :]
-    return mass
 
 
 class BlockMassRecording:

@@ -24,6 +24,8 @@ import math
 import torch
 from torch import Tensor
 
+from attnprobe.capture import SdpaCall
+
 _FLOAT32_BYTES = 4
 # Filling blocked scores with the most negative finite float32 instead of -inf keeps softmax free of
 # NaN on fully blocked rows; those rows are then given weight 0 explicitly.
@@ -222,6 +224,40 @@ def attention_mass(
                 w = row_weight[:, :, start:stop]  # (batch * q_heads, 1, n)
                 mass = torch.bmm(w, probs) if mass is None else mass.baddbmm_(w, probs)
         return mass.reshape(batch, q_heads, keys)
+
+
+def sdpa_call_mass(
+    call: SdpaCall,
+    valid: Tensor | None,
+    *,
+    max_chunk_bytes: int = 32 * 2**20,
+    workspace: Workspace | None = None,
+) -> Tensor:
+    """Attention mass ``(batch, heads, keys)`` of one SDPA call, with the recorder's padding rule.
+
+    ``valid`` (bool ``(batch, tokens)``, False on padding, or None) masks the queries when it matches
+    their grid, and zeroes the mass of padding keys when it matches the keys' grid, even if the model
+    let queries attend to them.
+    """
+    batch, _, queries, _ = call.query.shape
+    keys = call.key.shape[-2]
+    query_valid = valid if valid is not None and tuple(valid.shape) == (batch, queries) else None
+    if query_valid is not None:
+        query_valid = query_valid.to(call.query.device)
+    mass = attention_mass(
+        call.query,
+        call.key,
+        call.attn_mask,
+        is_causal=call.is_causal,
+        scale=call.scale,
+        enable_gqa=call.enable_gqa,
+        query_valid=query_valid,
+        max_chunk_bytes=max_chunk_bytes,
+        workspace=workspace,
+    )
+    if valid is not None and tuple(valid.shape) == (batch, keys):
+        mass = mass * valid.to(mass.device)[:, None, :]
+    return mass
 
 
 def _chunk(mask: Tensor, start: int, stop: int, kv_heads: int, groups: int) -> Tensor:
