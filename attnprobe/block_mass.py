@@ -182,6 +182,13 @@ class BlockMassRecording:
         finally:
             mode.close()
             current, self._current, self._valid = self._current, None, None
+        if not current:
+            raise RuntimeError(
+                "a block ran without a scaled_dot_product_attention call inside the attention modules "
+                f"attnprobe found (e.g. {self.layout.attention[0]!r}): attnprobe needs SDPA attention. Load "
+                "the model with attn_implementation='sdpa' (or set config._attn_implementation = 'sdpa'), "
+                "or pass targets= to choose the attention modules."
+            )
         for layer, mass in current.items():
             if layer not in self._layers:
                 self._layers.append(layer)

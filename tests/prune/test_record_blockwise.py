@@ -40,6 +40,7 @@ def _windows():
 CASES = [
     ("llama", lambda: models.llama_bidirectional(num_hidden_layers=3)),
     ("llada", lambda: models.tiny_llada(n_layers=3)),
+    ("llada-bf16", lambda: models.tiny_llada(n_layers=3).to(torch.bfloat16)),
 ]
 
 
@@ -122,4 +123,11 @@ def test_existing_store_is_refused_before_any_block_runs(tmp_path):
     ids, _ = _windows()
     prune.record_blockwise(model, ids, tmp_path / "s", mask_token_id=MASK, progress=False, **CALIBRATION)
     with pytest.raises(ValueError, match="overwrite=True"):
+        prune.record_blockwise(model, ids, tmp_path / "s", mask_token_id=MASK, progress=False, **CALIBRATION)
+
+
+def test_eager_attention_is_refused_with_the_fix(tmp_path):
+    model = models.use_eager_attention(models.llama_bidirectional(num_hidden_layers=2))
+    ids, _ = _windows()
+    with pytest.raises(RuntimeError, match="attn_implementation='sdpa'"):
         prune.record_blockwise(model, ids, tmp_path / "s", mask_token_id=MASK, progress=False, **CALIBRATION)
