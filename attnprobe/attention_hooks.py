@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from attnprobe.capture import SdpaCall
-from attnprobe.mass import attention_mass
+from attnprobe.mass import sdpa_call_mass
 
 
 class AttentionHooks:
@@ -58,25 +58,12 @@ class AttentionHooks:
             return
         forward.sdpa_calls += 1
         layer = self._attention_stack[-1]
-        batch, q_heads, queries, head_dim = call.query.shape
-        keys = call.key.shape[-2]
-        valid = forward.valid
-        query_valid = valid if valid is not None and tuple(valid.shape) == (batch, queries) else None
-        mass = attention_mass(
-            call.query,
-            call.key,
-            call.attn_mask,
-            is_causal=call.is_causal,
-            scale=call.scale,
-            enable_gqa=call.enable_gqa,
-            query_valid=query_valid,
-            max_chunk_bytes=self.max_chunk_bytes,
-            workspace=self._workspace,
+        _, q_heads, _, head_dim = call.query.shape
+        # one definition of the padding rule (padded queries add nothing, padded keys get nothing),
+        # shared with the block-wise mass pass; valid follows each layer's device inside it
+        mass = sdpa_call_mass(
+            call, forward.valid, max_chunk_bytes=self.max_chunk_bytes, workspace=self._workspace
         )
-        if valid is not None and tuple(valid.shape) == (batch, keys):
-            # padding keys get no mass, even if the model let them; valid lives with the input ids, not
-            # necessarily on this layer's device (a model dispatched over several devices)
-            mass = mass * valid.to(mass.device)[:, None, :]
         if layer in forward.mass:  # a layer called twice in one forward adds up
             forward.mass[layer] = forward.mass[layer] + mass
         else:
