@@ -40,6 +40,7 @@ from attnprobe.store_format import (
     SHARDED_LAYOUT,
     SHARDED_SCHEMA_VERSION,
     StoreError,
+    is_existing_store,
     is_sharded,
     read_manifest,
     shard_dirname,
@@ -270,15 +271,7 @@ def _prepare(root: Path, world: int, fingerprint, options, overwrite: bool, appe
     """Rank 0: check ``root``, write (or extend) the top manifest; return every rank's shard dir."""
     from attnprobe.store_writer import StoreWriter
 
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"cannot record into {root}: it is a file. Choose a directory path.")
-    if root.is_dir() and any(root.iterdir()):
-        if not (root / MANIFEST).exists():
-            raise ValueError(
-                f"{root} is not empty and is not an attnprobe store (no {MANIFEST}); attnprobe never "
-                "writes into or deletes other files, even with overwrite=True. Choose a new or empty "
-                "directory."
-            )
+    if is_existing_store(root):
         manifest = read_manifest(root)
         if append and is_sharded(manifest):
             return _add_session(root, manifest, world, fingerprint, options)

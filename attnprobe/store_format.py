@@ -68,6 +68,25 @@ def is_sharded(manifest: dict[str, Any]) -> bool:
     return manifest.get("layout") == SHARDED_LAYOUT
 
 
+def is_existing_store(root: Path) -> bool:
+    """True if ``root`` is a non-empty store directory; refuse a file or a directory of other files.
+
+    Checked before any write, so attnprobe never writes into (or, with ``overwrite=True``, deletes)
+    a directory it did not create.
+    """
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"cannot record into {root}: it is a file. Choose a directory path.")
+    if not (root.is_dir() and any(root.iterdir())):
+        return False
+    if not (root / MANIFEST).exists():
+        raise ValueError(
+            f"{root} is not empty and is not an attnprobe store (no {MANIFEST}); attnprobe never "
+            "writes into or deletes other files, even with overwrite=True. Choose a new or empty "
+            "directory."
+        )
+    return True
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     """Read and check ``path/manifest.json``, raising :class:`StoreError` that says what is wrong."""
     hint = f"record one with attnprobe.record(model, {str(path)!r})"

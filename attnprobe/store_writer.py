@@ -30,6 +30,7 @@ from attnprobe.store_format import (
     STEPS_DIR,
     TEMP_FILE,
     StoreError,
+    is_existing_store,
     is_sharded,
     read_manifest,
     step_filename,
@@ -231,15 +232,7 @@ class StoreWriter:
             (root / STEPS_DIR).mkdir()
             return cls(TrajectoryStore(root, _tempdir=tempdir))
         root = Path(path)
-        if root.exists() and not root.is_dir():
-            raise ValueError(f"cannot record into {root}: it is a file. Choose a directory path.")
-        if root.is_dir() and any(root.iterdir()):
-            if not (root / MANIFEST).exists():
-                raise ValueError(
-                    f"{root} is not empty and is not an attnprobe store (no {MANIFEST}); attnprobe never "
-                    "writes into or deletes other files, even with overwrite=True. Choose a new or empty "
-                    "directory."
-                )
+        if is_existing_store(root):
             try:
                 read_manifest(root)
             except StoreError as err:
