@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from attnprobe import experts as moe
 from attnprobe.capture import SdpaCall, SdpaObserver
-from attnprobe.fingerprint import model_fingerprint
+from attnprobe.fingerprint import store_fingerprint
 from attnprobe.mass import Workspace, sdpa_call_mass
 from attnprobe.registry import Targets, discover
 from attnprobe.store import TrajectoryStore
@@ -127,8 +127,7 @@ class BlockMassRecording:
         fingerprint = {
             "layers": [],
             "heads": {},
-            **model_fingerprint(self.model, list(self.layout.linears)),
-            **({"experts": moe.fingerprint(experts)} if experts else {}),
+            **store_fingerprint(self.model, list(self.layout.linears), experts),
         }
         self._writer = StoreWriter.create(
             self._path, fingerprint=fingerprint, options=self._options, overwrite=self._overwrite

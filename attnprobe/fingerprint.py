@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnprobe import experts as moe
+
 WEIGHT_SAMPLES = 16  # entries sampled per linear: enough to catch any real fine-tune, cheap to store
 
 
@@ -235,3 +237,16 @@ def fingerprint_problems(
                 differ.append(name)
         differ += _expert_differ(experts, model, keep or {})
     return problems, differ
+
+
+def store_fingerprint(model: nn.Module, linears: list[str], experts: list) -> dict[str, Any]:
+    """What a store records about its model: :func:`model_fingerprint` plus its expert layers, if any.
+
+    One definition for every writer of a store (:func:`attnprobe.record`, the block-wise mass pass), so
+    ``prune`` checks the same fields whichever wrote it. ``experts``: the
+    :class:`~attnprobe.experts.ExpertSet` list of the model (empty for a dense model).
+    """
+    return {
+        **model_fingerprint(model, linears),
+        **({"experts": moe.fingerprint(experts)} if experts else {}),
+    }

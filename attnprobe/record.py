@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from attnprobe import experts as moe
 from attnprobe.attention_hooks import AttentionHooks
 from attnprobe.capture import SdpaObserver
-from attnprobe.fingerprint import model_fingerprint
+from attnprobe.fingerprint import store_fingerprint
 from attnprobe.input_hooks import InputHooks
 from attnprobe.mass import Workspace
 from attnprobe.registry import Targets, discover
@@ -243,8 +243,7 @@ class Recording(AttentionHooks, InputHooks, StepReduction):
         return {
             "layers": list(self._layers),
             "heads": dict(self._heads),
-            **model_fingerprint(self.model, list(self.layout.linears)),
-            **({"experts": moe.fingerprint(self._experts)} if self._experts else {}),
+            **store_fingerprint(self.model, list(self.layout.linears), self._experts),
         }
 
     def __enter__(self) -> Recording:
