@@ -63,6 +63,15 @@ _SMALL = dict(
 )
 
 
+def sharpen(model: nn.Module, factor: float) -> nn.Module:
+    """Scale the q/k projections in place so attention is peaked and sinks stand out, as in trained models."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(("q_proj", "k_proj")):
+                module.weight.mul_(factor)
+    return model
+
+
 def _build(factory: Any, seed: int) -> nn.Module:
     """Run ``factory()`` under a private RNG seeded with ``seed``; return it in eval mode, float32."""
     with torch.random.fork_rng(devices=[]):

@@ -17,15 +17,6 @@ from tests import models
 MASK = models.MASK_TOKEN_ID
 
 
-def _sharpen(model, factor=4.0):
-    """Scale q/k projections so attention is peaked and sinks stand out, as in trained models."""
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.endswith(("q_proj", "k_proj")):
-                module.weight.mul_(factor)
-    return model
-
-
 def _calibration_ids(n=3, length=16, seed=0):
     ids = torch.randint(3, 60, (n, length), generator=torch.Generator().manual_seed(seed))
     ids[:, 0] = 1
@@ -69,7 +60,7 @@ def _direct_norms(model, store, sink_std, sink_alpha, accumulate):
 
 @pytest.mark.parametrize("accumulate", ["wanda", "reference"])
 def test_sink_aware_wanda_matches_direct_two_pass(tmp_path, accumulate):
-    model = _sharpen(models.llama_bidirectional())
+    model = models.sharpen(models.llama_bidirectional(), 4.0)
     dense = copy.deepcopy(model)
     store = _record(model, tmp_path / "s", _calibration_ids(), linear_stats=True)
     result = prune.apply(
@@ -89,7 +80,7 @@ def test_changed_sink_parameters_without_running_the_model(tmp_path):
     # Tokens below the candidate floor count with w = 1; their true weight is within
     # sigmoid(-alpha·(sink_std - floor)·std) of 1. The mass of this 8-head model has std ~0.2..1 (a
     # real 8B model: hundreds), so a steep alpha makes that bound negligible here too.
-    model = _sharpen(models.llama_bidirectional(), 6.0)
+    model = models.sharpen(models.llama_bidirectional(), 6.0)
     dense = copy.deepcopy(model)
     store = _record(model, tmp_path / "s", _calibration_ids(), linear_stats=True)
     from prune.statistics import SinkSettings, activation_norms
@@ -170,7 +161,7 @@ def test_sequential_first_block_equals_one_shot(tmp_path):
 
 
 def test_unstable_policy_keeps_stable_sinks(tmp_path):
-    model = _sharpen(models.llama_bidirectional(), 6.0)
+    model = models.sharpen(models.llama_bidirectional(), 6.0)
     store = _record(model, tmp_path / "s", _calibration_ids(), linear_stats=True)
     base = prune.apply(copy.deepcopy(model), store, 0.5, method="wanda", progress=False)
     everything_stable = prune.apply(

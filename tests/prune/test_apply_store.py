@@ -20,15 +20,6 @@ from tests import models
 MASK = models.MASK_TOKEN_ID
 
 
-def _sharpen(model, factor=4.0):
-    """Scale q/k projections so attention is peaked and sinks stand out, as in trained models."""
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.endswith(("q_proj", "k_proj")):
-                module.weight.mul_(factor)
-    return model
-
-
 def _record(model, path, *, windows=4, batch_size=2, **options):
     ids = torch.randint(3, 60, (windows, 16), generator=torch.Generator().manual_seed(0))
     ids[:, 0] = 1
@@ -209,7 +200,7 @@ def test_unstable_policy_down_weights_moving_sinks_and_keeps_stable_ones():
 
 
 def test_unstable_policy_through_apply_in_both_limits(tmp_path):
-    model = _sharpen(models.llama_bidirectional(), 6.0)
+    model = models.sharpen(models.llama_bidirectional(), 6.0)
     store = _record(model, tmp_path / "s")
     run = dict(method="wanda", sink_aware=True, sink_policy="unstable", progress=False)
     base = prune.apply(copy.deepcopy(model), store, 0.5, method="wanda", progress=False)
@@ -278,7 +269,7 @@ def _independent_sparsegpt(dense, store, *, sequential):
 
 @pytest.mark.parametrize("sequential", [False, True])
 def test_sink_aware_sparsegpt_matches_independent_computation(tmp_path, sequential):
-    dense = _sharpen(models.llama_bidirectional())
+    dense = models.sharpen(models.llama_bidirectional(), 4.0)
     store = _record(copy.deepcopy(dense), tmp_path / "s", hessians=True)
     # nsamples counts sequences (batch rows) over every step: 4 windows x 2 noise levels
     samples = sum(store.valid(s).shape[0] for s in range(store.num_steps))

@@ -27,15 +27,6 @@ class _Stop(Exception):
     pass
 
 
-def _sharpen(model, factor=5.0):
-    """Peaked attention, so that sink tokens stand out and sink-aware weights differ from 1."""
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.endswith(("q_proj", "k_proj")):
-                module.weight.mul_(factor)
-    return model
-
-
 def _record(model, path, n=3, length=16, attention_mask=None, **options):
     ids = torch.randint(3, 60, (n, length), generator=torch.Generator().manual_seed(0))
     ids[:, 0] = 1
@@ -141,7 +132,7 @@ CASES = [
     [("wanda", True, "unstructured"), ("wanda", False, "2:4"), ("sparsegpt", True, "unstructured")],
 )
 def test_sequential_masks_equal_the_quadratic_procedure(tmp_path, arch, build, method, sink_aware, pattern):
-    model = _sharpen(build())
+    model = models.sharpen(build(), 5.0)
     store = _record(model, tmp_path / "s", linear_stats=True)
     expected = reference_sequential(model, store, method, sink_aware, pattern)
     pruned = copy.deepcopy(model)
@@ -190,7 +181,7 @@ def test_store_without_input_ids_is_refused(tmp_path):
 
 
 def test_reference_accumulation_equals_the_quadratic_procedure(tmp_path):
-    model = _sharpen(models.tiny_llada(n_layers=3))
+    model = models.sharpen(models.tiny_llada(n_layers=3), 5.0)
     store = _record(model, tmp_path / "s")
     expected = reference_sequential(model, store, "wanda", True, accumulate="reference")
     result = prune.apply(
@@ -208,7 +199,7 @@ def test_reference_accumulation_equals_the_quadratic_procedure(tmp_path):
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_padding_is_left_out_as_in_the_quadratic_procedure(tmp_path, method):
-    model = _sharpen(models.llama_bidirectional(num_hidden_layers=3))
+    model = models.sharpen(models.llama_bidirectional(num_hidden_layers=3), 5.0)
     mask = torch.ones(3, 16, dtype=torch.long)
     mask[1, 11:] = 0  # the second window is 11 tokens long
     store = _record(model, tmp_path / "s", attention_mask=mask)

@@ -15,7 +15,7 @@ from attnprobe.linear_stats import reduce_inputs
 from attnprobe.sampler import _candidates
 from prune import blockwise
 from tests import models
-from tests.prune.test_blockwise import _record, _sharpen, reference_sequential
+from tests.prune.test_blockwise import _record, reference_sequential
 
 META = torch.device("meta")
 
@@ -50,7 +50,7 @@ def test_reduce_inputs_moves_the_step_tensors_to_the_layer():
 
 
 def test_onloading_visits_one_block_at_a_time_with_identical_masks(tmp_path, monkeypatch):
-    model = _sharpen(models.llama_bidirectional(num_hidden_layers=3))
+    model = models.sharpen(models.llama_bidirectional(num_hidden_layers=3), 5.0)
     store = _record(model, tmp_path / "s", linear_stats=False)  # attention and input ids only
     plain = prune.apply(copy.deepcopy(model), store, 0.5, sink_aware=True, sequential=True, progress=False)
     events = []
@@ -121,7 +121,7 @@ def test_blocks_that_are_not_one_chain_are_refused():
 
 def test_accelerate_dispatched_model_records_and_prunes(tmp_path):
     accelerate = pytest.importorskip("accelerate")
-    model = _sharpen(models.llama_bidirectional(num_hidden_layers=3))
+    model = models.sharpen(models.llama_bidirectional(num_hidden_layers=3), 5.0)
     reference = copy.deepcopy(model)
     names = ["model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head"]
     device_map = {name: "cpu" for name in names + [f"model.layers.{i}" for i in range(3)]}
@@ -165,7 +165,7 @@ def test_accelerate_offloaded_weights_are_refused_with_a_pointer_to_onloading(tm
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_bf16_sequential_masks_equal_the_quadratic_procedure(tmp_path, method):
-    model = _sharpen(models.tiny_llada(n_layers=3)).to(torch.bfloat16)
+    model = models.sharpen(models.tiny_llada(n_layers=3), 5.0).to(torch.bfloat16)
     store = _record(model, tmp_path / "s")
     expected = reference_sequential(model, store, method, True)
     pruned = copy.deepcopy(model)
@@ -188,7 +188,7 @@ def test_bf16_sequential_masks_equal_the_quadratic_procedure(tmp_path, method):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_end_to_end(tmp_path, dtype):
-    model = _sharpen(models.tiny_llada(n_layers=2)).to(dtype)
+    model = models.sharpen(models.tiny_llada(n_layers=2), 5.0).to(dtype)
     store = _record(model, tmp_path / "s", hessians=True)
     prompt = torch.randint(3, 60, (1, 4), generator=torch.Generator().manual_seed(1))
     out = attnprobe.generate(
@@ -225,7 +225,7 @@ def test_low_precision_end_to_end(tmp_path, dtype):
 def test_streamed_forwards_onload_each_block_when_called_and_record_the_same(tmp_path, monkeypatch):
     from prune import onload
 
-    model = _sharpen(models.tiny_llada(n_layers=2))
+    model = models.sharpen(models.tiny_llada(n_layers=2), 5.0)
     plain = _record(copy.deepcopy(model), tmp_path / "plain", linear_stats=False)
     events = []
     real = onload.onloaded

@@ -20,15 +20,6 @@ MASK = models.MASK_TOKEN_ID
 CALIBRATION = dict(steps=4, sample_interval=2, seed=3, batch_size=2)
 
 
-def _sharpen(model, factor=5.0):
-    """Peaked attention, so that sinks stand out and sink-aware masks depend on the mass."""
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.endswith(("q_proj", "k_proj")):
-                module.weight.mul_(factor)
-    return model
-
-
 def _windows():
     ids = torch.randint(3, 60, (3, 12), generator=torch.Generator().manual_seed(0))
     ids[:, 0] = 1
@@ -47,7 +38,7 @@ CASES = [
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
 @pytest.mark.parametrize("arch, build", CASES, ids=[c[0] for c in CASES])
 def test_blockwise_store_equals_the_recorded_one(tmp_path, arch, build, padded):
-    model = _sharpen(build())
+    model = models.sharpen(build(), 5.0)
     ids, padding = _windows()
     mask = padding if padded else None
     with attnprobe.record(model, tmp_path / "ref", mask_token_id=MASK, linear_stats=False) as ref:
