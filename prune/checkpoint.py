@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnprobe import expert_weight
 from prune.apply import PruneResult
 
 logger = logging.getLogger(__name__)
@@ -49,13 +50,14 @@ def _zero_fraction(model: nn.Module) -> float:
 
 def _check_masks(model: nn.Module, result: PruneResult) -> tuple[list[str], list[str]]:
     """Pruned and other linear names; raises if the masks do not describe this model's weights."""
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    modules = dict(model.named_modules())
+    linears = {n for n, m in modules.items() if isinstance(m, nn.Linear)}
     problems = []
     for name, mask in result.masks.items():
-        module = linears.get(name)
-        if module is None or tuple(module.weight.shape) != tuple(mask.shape):
-            problems.append(f"{name}: no linear of that shape")
-        elif bool((module.weight[~mask.to(module.weight.device)] != 0).any()):
+        weight = expert_weight(model, name, modules)  # a linear's, or a fused expert slice's
+        if weight is None or tuple(weight.shape) != tuple(mask.shape):
+            problems.append(f"{name}: no linear or expert slice of that shape")
+        elif bool((weight[~mask.to(weight.device)] != 0).any()):
             problems.append(f"{name}: weights the mask removed are not zero")
     if problems:
         raise ValueError(
@@ -63,7 +65,7 @@ def _check_masks(model: nn.Module, result: PruneResult) -> tuple[list[str], list
             + "; ".join(problems[:5])
         )
     targets = sorted(result.masks)
-    return targets, sorted(set(linears) - set(targets))
+    return targets, sorted(linears - set(targets))
 
 
 def sparsity_config(model: nn.Module, result: PruneResult) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import attnprobe
 import prune
 from prune.structured import apply_plan, find_structures, load_plan
-from tests import models
+from tests import models, moe_models
 
 ROOT = Path(__file__).resolve().parents[2]
 REMOTE = Path(__file__).resolve().parent / "remote_code" / "modeling_tiny_llada.py"
@@ -72,6 +72,24 @@ def test_unstructured_and_nm_reload_identically_with_sparsity_config(tmp_path, p
         assert int((weight.reshape(-1, 4) != 0).sum(dim=1).max()) <= 2
     # the in-memory model's config is left as it was
     assert not hasattr(model.config, "sparsity_config")
+
+
+def test_fused_expert_slices_are_targets_and_the_checkpoint_reloads(tmp_path):
+    model = moe_models.qwen3_moe()
+    result = prune.apply(model, None, 0.5, method="magnitude", progress=False)
+    slices = [n for n in result.masks if ".experts." in n]
+    assert slices  # the fused (E, out, in) parameters were pruned slice by slice
+    prune.save_pretrained(model, tmp_path, result)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(_logits(reloaded), _logits(model.eval()))
+    block = _config(tmp_path)["sparsity_config"]
+    assert block["targets"] == sorted(result.masks)
+    # every saved expert slice is half zeros in the reloaded 3-D parameter, read here by index
+    modules = dict(reloaded.named_modules())
+    for name in slices:
+        owner, param, expert = name.rsplit(".", 2)
+        weight = getattr(modules[owner], param)[int(expert)]
+        assert float((weight == 0).float().mean()) == pytest.approx(0.5)
 
 
 def test_sink_aware_settings_and_tokenizer_travel_with_the_checkpoint(tmp_path):
