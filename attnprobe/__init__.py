@@ -5,25 +5,65 @@ Example:
     >>> with attnprobe.record(model, "runs/gen", linear_stats=False) as store:  # doctest: +SKIP
     ...     attnprobe.generate(model, prompt, mask_token_id=126336, steps=64)
     >>> attnprobe.open("runs/gen").attention_mass(0).shape                        # doctest: +SKIP
+
+Subpackages (docs/DESIGN.md): ``layout`` (what the model is made of), ``recording`` (hooks → mass and
+input statistics), ``store`` (the on-disk trajectory store), ``analysis`` (sinks, metrics, figures),
+``denoising`` (calibration and generation); ``distributed`` holds the collectives.
 """
 
-from attnprobe import distributed, experts, sinks, trajectory
-from attnprobe.block_mass import BlockMassRecording
-from attnprobe.calibrate import calibrate, calibration_steps
-from attnprobe.experts import ExpertSet, discover_experts, expert_weight
-from attnprobe.fingerprint import fingerprint_problems, model_fingerprint
-from attnprobe.linear_stats import reduce_inputs
-from attnprobe.record import Recording, record
-from attnprobe.registry import ModelLayout, discover
-from attnprobe.sampler import generate
-from attnprobe.shards import ShardedStore
-from attnprobe.store import StoreError, TrajectoryStore
-from attnprobe.store import open_store as open
+import sys as _sys
 
-__version__ = "0.1.0"
+from attnprobe import distributed  # noqa: F401  (a submodule, not part of __all__)
+from attnprobe.analysis.sinks import sink_scores, step_mass
+from attnprobe.denoising.calibrate import calibrate, calibration_steps
+from attnprobe.denoising.sampler import generate
+from attnprobe.layout.experts import ExpertSet, discover_experts, expert_weight, reduce_experts
+from attnprobe.layout.experts import attach as attach_expert_hooks
+from attnprobe.layout.registry import ModelLayout, discover
+from attnprobe.moved_modules import alias_moved_modules
+from attnprobe.recording.block_mass import BlockMassRecording
+from attnprobe.recording.linear_stats import reduce_inputs
+from attnprobe.recording.record import Recording, record
+from attnprobe.store.fingerprint import fingerprint_problems, model_fingerprint
+from attnprobe.store.opening import open_store as open
+from attnprobe.store.reader import StoreError, TrajectoryStore
+from attnprobe.store.shards import ShardedStore
+from attnprobe.version import __version__
 
-# The public API. `prune` builds only on these names (never on attnprobe's internal modules).
+# Old flat module paths (before the subpackages), kept for one release with a DeprecationWarning.
+alias_moved_modules(
+    _sys.modules[__name__],
+    {
+        "attention_hooks": "attnprobe.recording.attention_hooks",
+        "block_mass": "attnprobe.recording.block_mass",
+        "capture": "attnprobe.recording.capture",
+        "mass": "attnprobe.recording.mass",
+        "record": "attnprobe.recording.record",
+        "input_hooks": "attnprobe.recording.input_hooks",
+        "step_reduce": "attnprobe.recording.step_reduce",
+        "linear_stats": "attnprobe.recording.linear_stats",
+        "registry": "attnprobe.layout.registry",
+        "store_writer": "attnprobe.store.writer",
+        "store_format": "attnprobe.store.format",
+        "shards": "attnprobe.store.shards",
+        "fingerprint": "attnprobe.store.fingerprint",
+        "plot": "attnprobe.analysis.plot",
+        "calibrate": "attnprobe.denoising.calibrate",
+        "sampler": "attnprobe.denoising.sampler",
+        "sinks": "attnprobe.analysis.sinks",
+        "trajectory": "attnprobe.analysis.trajectory",
+        "experts": "attnprobe.layout.experts",
+    },
+)
+
+# The public API: functions and classes. `prune` builds only on these names (never on attnprobe's
+# internal modules); tests/house/test_layout.py checks it.
 __all__ = [
+    "alias_moved_modules",
+    "attach_expert_hooks",
+    "reduce_experts",
+    "sink_scores",
+    "step_mass",
     "BlockMassRecording",
     "ExpertSet",
     "ModelLayout",
@@ -34,9 +74,7 @@ __all__ = [
     "calibrate",
     "calibration_steps",
     "discover",
-    "distributed",
     "discover_experts",
-    "experts",
     "expert_weight",
     "fingerprint_problems",
     "model_fingerprint",
@@ -44,7 +82,5 @@ __all__ = [
     "open",
     "record",
     "reduce_inputs",
-    "sinks",
-    "trajectory",
     "__version__",
 ]

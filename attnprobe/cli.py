@@ -52,7 +52,7 @@ def _plot_sinks(args: argparse.Namespace) -> int:
         )
     stores = [_open(p) for p in paths]
     try:
-        from attnprobe.plot import plot_sinks
+        from attnprobe.analysis.plot import plot_sinks
     except ImportError as err:  # matplotlib is an optional extra
         raise _Failure(
             f"plot-sinks needs matplotlib ({err}); install it with pip install 'attnprobe[plot]'."
@@ -85,7 +85,7 @@ def _jsonable(value: Any) -> Any:
 def _summary(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from attnprobe import trajectory
+    from attnprobe.analysis import trajectory
 
     store = _open(args.store)
     try:

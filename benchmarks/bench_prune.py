@@ -41,7 +41,7 @@ def calibrate_seconds(model, ids, two_pass: bool, directory: Path):
 
 
 def sparsegpt_seconds(width: int = 2048, repeats: int = 2) -> float:
-    from prune.sparsegpt import sparsegpt_prune
+    from prune.methods.sparsegpt import sparsegpt_prune
 
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(width, width, generator=gen)

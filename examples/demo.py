@@ -34,7 +34,7 @@ import task_eval  # noqa: E402
 
 import attnprobe  # noqa: E402
 import prune  # noqa: E402
-from attnprobe import trajectory  # noqa: E402
+from attnprobe.analysis import trajectory  # noqa: E402
 
 
 def run(out: Path, *, quick: bool = False) -> dict:

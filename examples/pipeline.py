@@ -150,7 +150,7 @@ def record_calibration(
 
 def plot_pairs(stores_dir: Path, figures: Path) -> list[Path]:
     """Draw DLM and AR side by side for the stores ``<kind>-generation`` and ``<kind>-calibration``."""
-    from attnprobe.plot import plot_sinks
+    from attnprobe.analysis.plot import plot_sinks
 
     drawn = []
     for name in ("generation", "calibration"):

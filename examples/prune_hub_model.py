@@ -37,8 +37,8 @@ import transformers
 
 import attnprobe
 import prune
-from prune.blockwise import find_blocks
-from prune.onload import streamed
+from prune.engine.blockwise import find_blocks
+from prune.engine.onload import streamed
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

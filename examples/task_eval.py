@@ -43,7 +43,7 @@ def task_accuracy(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from prune.harness import AttnprobeLM
+    from prune.evaluation.harness import AttnprobeLM
 
     lm = AttnprobeLM(
         pretrained=pretrained if not isinstance(pretrained, Path) else str(pretrained),

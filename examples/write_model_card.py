@@ -110,7 +110,7 @@ def dlm_samples(model_dir: Path) -> list[tuple[str, str]] | None:
     Returns None when ``attnprobe`` cannot be imported, so the card can still be written.
     """
     try:
-        from attnprobe.sampler import generate
+        from attnprobe.denoising.sampler import generate
     except ImportError as err:
         logger.warning("skipping samples: attnprobe.sampler does not import (%s)", err)
         return None

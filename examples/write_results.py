@@ -27,7 +27,7 @@ import task_eval  # noqa: E402
 
 import attnprobe  # noqa: E402
 import prune  # noqa: E402
-from attnprobe import trajectory  # noqa: E402
+from attnprobe.analysis import trajectory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 UNSTRUCTURED_SETTINGS = [(0.5, "unstructured"), (0.6, "unstructured"), (0.7, "unstructured"), (0.5, "2:4")]

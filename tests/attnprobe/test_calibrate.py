@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attnprobe
-from attnprobe.calibrate import noise_levels
+from attnprobe.denoising.calibrate import noise_levels
 from tests import models
 
 MASK = models.MASK_TOKEN_ID

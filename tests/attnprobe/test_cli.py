@@ -117,7 +117,7 @@ class _StandIn:
 
 
 def test_plot_sinks_marks_sinks_and_pads_varying_lengths(tmp_path):
-    from attnprobe.plot import _gather, plot_sinks
+    from attnprobe.analysis.plot import _gather, plot_sinks
 
     store = _StandIn(lengths=[10, 10, 12], sink_at=[0, 3, 11])
     column = _gather(store, "x", batch=0, sink_std=2.0, progress=False)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from attnprobe.mass import attention_mass
+from attnprobe.recording.mass import attention_mass
 
 RTOL = 1e-5
 

@@ -10,7 +10,7 @@ import torch
 
 import attnprobe
 import prune
-from attnprobe.store_writer import StoreWriter
+from attnprobe.store.writer import StoreWriter
 from tests import models
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from attnprobe.sampler import generate, transfer_schedule
+from attnprobe.denoising.sampler import generate, transfer_schedule
 from tests import models
 
 VOCAB = 48

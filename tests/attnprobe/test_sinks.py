@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from attnprobe import sinks
+from attnprobe.analysis import sinks
 
 # mass [1]*9 + [10]: mean 1.9, population variance (9 * 0.81 + 8.1**2) / 10 = 7.29, std 2.7,
 # threshold at sink_std=2: 1.9 + 5.4 = 7.3

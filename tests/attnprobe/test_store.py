@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import attnprobe
-from attnprobe import store as store_mod
-from attnprobe import store_writer as store_writer_mod
+from attnprobe.store import reader as store_mod
+from attnprobe.store import files as store_files_mod
 from attnprobe.store import StoreError, TrajectoryStore, open_store
-from attnprobe.store_writer import StoreWriter
+from attnprobe.store.writer import StoreWriter
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = ["model.layers.0.self_attn", "model.layers.1.self_attn"]
@@ -272,7 +272,7 @@ def test_failed_write_leaves_no_step(tmp_path, monkeypatch):
     def interrupted(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(store_writer_mod.os, "replace", interrupted)
+    monkeypatch.setattr(store_files_mod.os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         writer.write_step(_step_tensors(1), {}, {})
     monkeypatch.undo()
@@ -284,7 +284,7 @@ def test_process_killed_between_write_and_rename(tmp_path):
     # A real hard kill (os._exit: no finally, no cleanup) after step 2's data reached its temp file.
     script = textwrap.dedent(f"""
         import os, torch
-        from attnprobe.store_writer import StoreWriter
+        from attnprobe.store.writer import StoreWriter
         writer = StoreWriter.create({str(tmp_path / "s")!r}, fingerprint={{}}, options={{}})
         for i in range(2):
             writer.write_step({{"mass/0": torch.full((1, 1, 3), float(i))}}, {{}}, {{}})

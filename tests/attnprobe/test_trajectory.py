@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from attnprobe import trajectory
+from attnprobe.analysis import trajectory
 
 
 class FakeStore:

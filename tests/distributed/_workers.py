@@ -18,7 +18,7 @@ import prune
 from tests import models
 
 # The module, not the function `prune.apply` that shadows it on the package.
-prune_apply = importlib.import_module("prune.apply")
+prune_apply = importlib.import_module("prune.engine.apply")
 
 WINDOWS, TOKENS = 6, 32
 CALIBRATION = dict(mask_token_id=models.MASK_TOKEN_ID, steps=4, sample_interval=2, batch_size=1, seed=3)

@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 
 import attnprobe
 from attnprobe import distributed
-from attnprobe.calibrate import window_seed
-from prune.distributed import assign_owners
+from attnprobe.denoising.calibrate import window_seed
+from prune.engine.distributed import assign_owners
 from tests.distributed import _workers
 
 WORLD = 2

@@ -10,8 +10,8 @@ import torch
 
 import attnprobe
 import prune
-from prune.masks import select_unstructured
-from prune.sparsegpt import sparsegpt_prune
+from prune.methods.masks import select_unstructured
+from prune.methods.sparsegpt import sparsegpt_prune
 from tests import models
 
 MASK = models.MASK_TOKEN_ID
@@ -83,7 +83,7 @@ def test_changed_sink_parameters_without_running_the_model(tmp_path):
     model = models.sharpen(models.llama_bidirectional(), 6.0)
     dense = copy.deepcopy(model)
     store = _record(model, tmp_path / "s", _calibration_ids(), linear_stats=True)
-    from prune.statistics import SinkSettings, activation_norms
+    from prune.engine.statistics import SinkSettings, activation_norms
 
     calls = []
     hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
@@ -214,7 +214,7 @@ def test_store_from_another_model_is_refused(tmp_path):
 def test_nan_statistics_refused_before_any_change(tmp_path, monkeypatch):
     model = models.llama_bidirectional()
     store = _record(model, tmp_path / "s", _calibration_ids(2), linear_stats=True)
-    apply_module = importlib.import_module("prune.apply")  # the module, not the function
+    apply_module = importlib.import_module("prune.engine.apply")  # the module, not the function
 
     real = apply_module.activation_norms
 

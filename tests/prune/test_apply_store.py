@@ -11,10 +11,10 @@ import torch
 
 import attnprobe
 import prune
-import prune.io as prune_io
+import prune.export.mask_files as prune_io
 from attnprobe import fingerprint_problems
-from prune.sparsegpt import sparsegpt_prune
-from prune.statistics import SinkSettings, step_weights
+from prune.methods.sparsegpt import sparsegpt_prune
+from prune.engine.statistics import SinkSettings, step_weights
 from tests import models
 
 MASK = models.MASK_TOKEN_ID

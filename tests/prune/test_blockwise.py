@@ -16,8 +16,8 @@ import torch
 
 import attnprobe
 import prune
-from prune.masks import select_mask
-from prune.sparsegpt import sparsegpt_prune
+from prune.methods.masks import select_mask
+from prune.methods.sparsegpt import sparsegpt_prune
 from tests import models
 
 MASK = models.MASK_TOKEN_ID
@@ -155,7 +155,7 @@ def test_sequential_masks_equal_the_quadratic_procedure(tmp_path, arch, build, m
 
 
 def test_a_failure_in_a_later_block_restores_every_block(tmp_path, monkeypatch):
-    apply_mod = importlib.import_module("prune.apply")  # the module (prune.apply is the function)
+    apply_mod = importlib.import_module("prune.engine.apply")  # the module (prune.apply is the function)
     model = models.tiny_llada(n_layers=3)
     store = _record(model, tmp_path / "s")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -10,10 +10,10 @@ import torch
 
 import attnprobe
 import prune
-from attnprobe import sinks
-from attnprobe.linear_stats import reduce_inputs
-from attnprobe.sampler import _candidates
-from prune import blockwise
+from attnprobe.analysis import sinks
+from attnprobe.recording.linear_stats import reduce_inputs
+from attnprobe.denoising.sampler import _candidates
+from prune.engine import blockwise
 from tests import models
 from tests.prune.test_blockwise import _record, reference_sequential
 
@@ -223,7 +223,7 @@ def test_low_precision_end_to_end(tmp_path, dtype):
 
 
 def test_streamed_forwards_onload_each_block_when_called_and_record_the_same(tmp_path, monkeypatch):
-    from prune import onload
+    from prune.engine import onload
 
     model = models.sharpen(models.tiny_llada(n_layers=2), 5.0)
     plain = _record(copy.deepcopy(model), tmp_path / "plain", linear_stats=False)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import attnprobe
 import prune
-from prune.structured import apply_plan, find_structures, load_plan
+from prune.methods.structured import apply_plan, find_structures, load_plan
 from tests import models, moe_models
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
-from prune.evaluate import EvalResult, evaluate
+from prune.evaluation.evaluate import EvalResult, evaluate
 from tests import models
 
 V = 16

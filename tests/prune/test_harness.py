@@ -16,7 +16,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import prune  # noqa: E402
-from prune.harness import AttnprobeLM  # noqa: E402
+from prune.evaluation.harness import AttnprobeLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "examples" / "models"
@@ -200,7 +200,7 @@ def test_diffusion_model_without_mask_token_is_refused():
 
 def test_command_line_runs_offline(in_root, capsys):
     """The README's command line (``python -m prune.harness`` runs this ``main``) from the repository root."""
-    from prune import harness
+    from prune.evaluation import harness
 
     harness.main(
         [

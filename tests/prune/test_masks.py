@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from prune.masks import (
+from prune.methods.masks import (
     achieved_sparsity,
     check_mask,
     parse_pattern,

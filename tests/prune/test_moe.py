@@ -8,9 +8,9 @@ import torch
 
 import attnprobe
 import prune
-from prune.masks import select_unstructured
-from prune.sparsegpt import sparsegpt_prune
-from prune.statistics import SinkSettings, step_weights
+from prune.methods.masks import select_unstructured
+from prune.methods.sparsegpt import sparsegpt_prune
+from prune.engine.statistics import SinkSettings, step_weights
 from tests import moe_models
 from tests.prune.moe_reference import expert_statistics
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import attnprobe
-from attnprobe.experts import ExpertSet, reduce_experts
-from prune.statistics import SinkSettings, activation_norms, step_weights
+from attnprobe.layout.experts import ExpertSet, reduce_experts
+from prune.engine.statistics import SinkSettings, activation_norms, step_weights
 from tests import moe_models
 from tests.prune.moe_reference import expert_statistics
 

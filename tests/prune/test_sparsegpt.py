@@ -4,9 +4,9 @@ import warnings
 import pytest
 import torch
 
-from prune.masks import check_mask, select_unstructured
-from prune.sparsegpt import hessian_from_inputs, sparsegpt_prune
-from prune.wanda import magnitude_scores
+from prune.methods.masks import check_mask, select_unstructured
+from prune.methods.sparsegpt import hessian_from_inputs, sparsegpt_prune
+from prune.methods.wanda import magnitude_scores
 
 
 def correlated_inputs(tokens: int, features: int, seed: int = 0) -> torch.Tensor:

@@ -13,7 +13,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from prune.structured import (
+from prune.methods.structured import (
     AttentionSpec,
     MlpSpec,
     StructuredPlan,

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 import attnprobe
 import prune
-from prune.statistics import activation_norms
-from prune.structured import (
+from prune.engine.statistics import activation_norms
+from prune.methods.structured import (
     AttentionSpec,
     StructuredPlan,
     apply_plan,

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from prune.masks import select_mask, select_n_m, select_unstructured
-from prune.wanda import act_norm_from_sumsq, magnitude_scores, wanda_scaler_to_norm, wanda_scores
+from prune.methods.masks import select_mask, select_n_m, select_unstructured
+from prune.methods.wanda import act_norm_from_sumsq, magnitude_scores, wanda_scaler_to_norm, wanda_scores
 
 
 def test_golden_unstructured_half():

@@ -1,0 +1,1 @@
+"""Analysis: what a recorded store says — the sink rule, trajectory metrics and figures."""

@@ -1,0 +1,1 @@
+"""Denoising: driving a DLM along a trajectory — the forward-noising calibration and generation."""

@@ -1,0 +1,170 @@
+"""Running statistics of one block's linear inputs, accumulated in place in float32 on their device.
+
+The block-wise engine (:mod:`prune.blockwise`) runs one block over every calibration step. Pre-hooks
+on the block's linears hand each input to :class:`BlockStatistics`, which keeps, per *input group*
+(linears fed the very same tensor, e.g. q/k/v or gate/up, are reduced once), one running sum:
+
+- ``"sumsq"``   (in,)      ``Σ_sequences Σ_t (w x)²``          Wanda's scaler before the mean;
+- ``"norms"``   (in,)      ``Σ_sequences ||(w x)_:j||₂``       the public Sink-Aware code's sum of norms;
+- ``"hessian"`` (in, in)   ``Σ (w x)(w x)ᵀ``                  SparseGPT, before the ``2/N`` factor;
+
+and ``nsamples``, the number of calibration sequences (sample, step) seen. ``w`` is the step's sink
+weight (1 without sink awareness) times the padding mask. Nothing per step is kept: never a list of
+Gram matrices. Every accumulator is a plain sum, so adding them across processes (an all-reduce) gives
+the statistics of all their data: :meth:`BlockStatistics.tensors` lists them for that.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from prune.methods.wanda import accumulation_term, finish_norm
+
+KINDS = ("sumsq", "norms", "hessian")
+_ACCUMULATE = {"sumsq": "wanda", "norms": "reference"}  # the input-norm kinds, as prune.wanda names them
+
+# Rows of (batch · tokens) reduced at once: bounds the float32 temporaries of a bf16 activation.
+_ROWS_PER_CHUNK = 4096
+
+
+class InputStatistics:
+    """One input group's running sum (``kind``) and sequence count, on the input's device.
+
+    Args:
+        members: names of the linears that read this input.
+        kind: one of :data:`KINDS`.
+    """
+
+    def __init__(self, members: list[str], kind: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown statistic {kind!r}; choose one of {KINDS}")
+        self.members = members
+        self.kind = kind
+        self.total: Tensor | None = None
+        self.nsamples: Tensor | None = None  # a tensor, so that it can be all-reduced with the sums
+        self._scaled = False
+
+    @torch.no_grad()
+    def add(self, x: Tensor, weights: Tensor) -> None:
+        """Add one forward's input ``x`` (batch, tokens, in) with row weights ``weights`` (batch, tokens).
+
+        ``weights`` already holds the padding mask (0 on padding); both are moved to ``x``'s device.
+        """
+        batch, tokens, width = x.shape
+        weights = weights.to(device=x.device, dtype=torch.float32)
+        if self.total is None:
+            shape = (width, width) if self.kind == "hessian" else (width,)
+            self.total = torch.zeros(shape, dtype=torch.float32, device=x.device)
+            self.nsamples = torch.zeros((), dtype=torch.float32, device=x.device)
+        chunk = max(1, _ROWS_PER_CHUNK // max(tokens, 1))
+        for b0 in range(0, batch, chunk):
+            xb = x[b0 : b0 + chunk].to(torch.float32)  # (chunk, tokens, in)
+            wb = weights[b0 : b0 + chunk]
+            if self.kind == "hessian":
+                rows = (xb * wb[..., None]).reshape(-1, width)
+                self.total.addmm_(rows.T, rows)
+                continue
+            # (chunk, 1, tokens) x (chunk, tokens, in) -> per-sequence Σ_t w² x², no (t, in) temporary
+            per_seq = torch.bmm(wb.square()[:, None, :], xb.square()).squeeze(1)
+            self.total.add_(accumulation_term(per_seq, _ACCUMULATE[self.kind]))
+        self.nsamples.add_(batch)
+
+    def norm(self) -> Tensor:
+        """Wanda's input norm: ``sqrt(mean sumsq)`` or the sum of norms; (in,) float32."""
+        if self.kind not in _ACCUMULATE:
+            raise RuntimeError("a Hessian accumulator has no input norm")
+        return finish_norm(self.total, self.nsamples, _ACCUMULATE[self.kind])
+
+    def hessian(self) -> Tensor:
+        """SparseGPT's ``H = 2/N · Σ x̃ x̃ᵀ`` (in, in) float32, scaled in place once (no copy)."""
+        if self.kind != "hessian":
+            raise RuntimeError(f"a {self.kind!r} accumulator has no Hessian")
+        if not self._scaled:  # the members of a group (q, k, v) share one Hessian
+            self.total.mul_(2.0 / float(self.nsamples.clamp(min=1)))
+            self._scaled = True
+        return self.total
+
+
+class BlockStatistics:
+    """The input statistics of one block's linears, gathered while the block runs over the steps.
+
+    Args:
+        linears: ``{name: module}`` of the block's linears to measure.
+        kind: the statistic every group accumulates (:data:`KINDS`).
+
+    Example:
+        >>> stats = BlockStatistics({"q": q, "k": k}, "sumsq")                     # doctest: +SKIP
+        >>> with stats.hooks():  # doctest: +SKIP
+        ...     for x, w in steps:
+        ...         stats.begin_step(w); block(x)
+        >>> stats.of("k").norm()  # doctest: +SKIP
+    """
+
+    def __init__(self, linears: dict[str, nn.Module], kind: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown statistic {kind!r}; choose one of {KINDS}")
+        self.linears = linears
+        self.kind = kind
+        self.groups: dict[str, InputStatistics] = {}  # first member's name -> its group
+        self._group_of: dict[str, str] = {}
+        self._weights: Tensor | None = None
+        self._seen: dict[int, tuple[str, weakref.ref]] = {}
+
+    def begin_step(self, weights: Tensor) -> None:
+        """Row weights (batch, tokens) of the next forward: sink weight times padding mask."""
+        self._weights = weights
+        self._seen = {}
+
+    def _on_input(self, name: str, args: tuple) -> None:
+        if not args or not isinstance(args[0], Tensor) or self._weights is None:
+            return
+        x = args[0]
+        # Linears fed the very same tensor form one group, reduced once. The weak reference guards
+        # against a freed tensor's id being reused by a later input.
+        hit = self._seen.get(id(x))
+        if hit is not None and hit[1]() is x:
+            group = hit[0]
+            if name not in self._group_of:
+                self._group_of[name] = group
+                self.groups[group].members.append(name)
+            return
+        self._seen[id(x)] = (name, weakref.ref(x))
+        group = self._group_of.setdefault(name, name)
+        if group not in self.groups:
+            self.groups[group] = InputStatistics([name], self.kind)
+        if x.dim() != 3 or tuple(x.shape[:2]) != tuple(self._weights.shape):
+            raise RuntimeError(
+                f"{name} got input of shape {tuple(x.shape)}, not (batch, tokens, features) with (batch, "
+                f"tokens) = {tuple(self._weights.shape)}; block-wise statistics need token-aligned inputs"
+            )
+        self.groups[group].add(x.detach(), self._weights)
+
+    @contextmanager
+    def hooks(self) -> Iterator[BlockStatistics]:
+        """Attach pre-hooks on the linears for the duration of the block; removed whatever happens."""
+        handles = [
+            module.register_forward_pre_hook(lambda m, a, n=name: self._on_input(n, a))
+            for name, module in self.linears.items()
+        ]
+        try:
+            yield self
+        finally:
+            while handles:
+                handles.pop().remove()
+
+    def of(self, name: str) -> InputStatistics | None:
+        """The statistics that ``name`` reads, or None if it never ran."""
+        group = self._group_of.get(name)
+        return self.groups.get(group) if group is not None else None
+
+    def tensors(self) -> list[Tensor]:
+        """Every accumulator, in a fixed order (group insertion order): sums an all-reduce may add."""
+        out = []
+        for group in self.groups.values():
+            out += [group.total, group.nsamples]
+        return out

@@ -1,0 +1,1 @@
+"""Export: what pruning leaves on disk — bit-packed mask files and checkpoints."""
