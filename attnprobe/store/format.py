@@ -135,3 +135,14 @@ def read_manifest(path: Path) -> dict[str, Any]:
             raise StoreError(f"{file}: {key!r} must be a JSON object; the manifest is corrupt.")
         manifest.setdefault(key, {})
     return manifest
+
+
+def read_single_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a one-writer store; a sharded store's is refused with the way to open it."""
+    manifest = read_manifest(path)
+    if is_sharded(manifest):
+        raise StoreError(
+            f"{path} is a sharded store written by a process group ({len(manifest['shards'])} shards); "
+            "open it with attnprobe.open(path), which reads the shards as one store."
+        )
+    return manifest

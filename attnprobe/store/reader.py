@@ -7,11 +7,8 @@ Layout (schema version 1, see docs/DESIGN.md "Store layout")::
     <store>/steps/000000.safetensors      one file per completed step
     <store>/hessians.safetensors          only with hessians=True, written when the recording closes
 
-Crash safety: every file is written under a hidden temporary name in its final directory, flushed
-with ``fsync`` and then renamed over its final name with ``os.replace`` (atomic on POSIX and Windows).
-A process killed mid-write therefore leaves either the complete file or a ``.*.tmp`` file that readers
-ignore and the next :class:`StoreWriter` on the directory deletes. Steps are numbered contiguously
-from 0, so ``num_steps`` is the number of step files.
+Files are written atomically (:mod:`attnprobe.store.files`); readers ignore the ``.*.tmp`` files an
+interrupted write leaves. Steps are numbered contiguously from 0: ``num_steps`` counts step files.
 
 Laziness: :func:`open_store` reads only ``manifest.json`` and lists ``steps/``; a step file is opened
 (with :func:`safetensors.safe_open`, which reads just the requested tensors) only when one of its
@@ -19,8 +16,8 @@ tensors or its metadata is asked for. Step headers are kept in a small LRU cache
 
 One writer per store at a time; any number of readers, also in other processes, while it writes.
 A process group writes one such store per rank under one directory (schema version 2, read as one
-store by :mod:`attnprobe.shards`); the names and versions of the format live in
-:mod:`attnprobe.store_format`.
+store by :mod:`attnprobe.store.shards`); the format's names and versions live in
+:mod:`attnprobe.store.format`.
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ import json
 import logging
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,31 +39,19 @@ from attnprobe.store.format import (
     MANIFEST,
     STEPS_DIR,
     StoreError,
-    is_sharded,
-    read_manifest,
+    read_single_manifest,
     step_filename,
     step_indices,
 )
+from attnprobe.store.tables import mass_table
 
 if TYPE_CHECKING:
-    import pandas as pd
+    pass
 
 logger = logging.getLogger(__name__)
 
-AGGREGATES = ("layer", "key")  # to_pandas(aggregate=...): sum over heads / over layers and heads
 _HEADER_CACHE = 128
 __all__ = ["StoreError", "TrajectoryStore", "step_filename"]
-
-
-def _read_single_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of a one-writer store; a sharded store's is refused with the way to open it."""
-    manifest = read_manifest(path)
-    if is_sharded(manifest):
-        raise StoreError(
-            f"{path} is a sharded store written by a process group ({len(manifest['shards'])} shards); "
-            "open it with attnprobe.open(path), which reads the shards as one store."
-        )
-    return manifest
 
 
 class TrajectoryStore:
@@ -91,7 +76,7 @@ class TrajectoryStore:
     def __init__(self, path: str | Path, *, _tempdir: tempfile.TemporaryDirectory | None = None) -> None:
         self._path = Path(path)
         self._tempdir = _tempdir
-        self._manifest = _read_single_manifest(self._path)
+        self._manifest = read_single_manifest(self._path)
         self._manifest_stamp = self._stamp()
         self._count = 0
         self._headers: OrderedDict[int, tuple[tuple[str, ...], dict[str, Any], dict[str, list[str]]]] = (
@@ -110,7 +95,7 @@ class TrajectoryStore:
         return st.st_ino, st.st_mtime_ns, st.st_size
 
     def _reload(self) -> None:
-        self._manifest = _read_single_manifest(self._path)
+        self._manifest = read_single_manifest(self._path)
         self._manifest_stamp = self._stamp()
 
     def _current_manifest(self) -> dict[str, Any]:
@@ -376,60 +361,7 @@ class TrajectoryStore:
 
     # -- tables --------------------------------------------------------------------------------------
 
-    def to_pandas(
-        self,
-        steps: Iterable[int] | None = None,
-        layers: Sequence[int | str] | None = None,
-        *,
-        aggregate: str | None = None,
-    ) -> pd.DataFrame:
-        """Attention mass as a long table, one row per (step, layer, batch, head, key).
-
-        Large: ``steps x layers x batch x heads x keys`` rows; select steps/layers or aggregate.
-
-        Args:
-            steps: step indices (default: all).
-            layers: layer indices or names (default: all); layers absent at a step are skipped.
-            aggregate: ``None`` keeps every head; ``"layer"`` sums over heads (no ``head`` column);
-                ``"key"`` sums over layers and heads (columns step, batch, key, mass).
-
-        Returns:
-            DataFrame with columns ``step, layer, batch, head, key, mass`` (``layer`` is the index into
-            :attr:`layers`; ``mass`` float32).
-
-        Example:
-            >>> df = store.to_pandas(steps=[0], aggregate="key")        # doctest: +SKIP
-            >>> df.groupby("key").mass.mean().nlargest(3)                # doctest: +SKIP
-        """
-        import numpy as np
-        import pandas as pd
-
-        if aggregate is not None and aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate must be None or one of {AGGREGATES}, got {aggregate!r}")
-        columns = {None: ["step", "layer", "batch", "head", "key", "mass"],
-                   "layer": ["step", "layer", "batch", "key", "mass"],
-                   "key": ["step", "batch", "key", "mass"]}[aggregate]
-        steps = list(range(self.num_steps) if steps is None else steps)
-        wanted = None if layers is None else [self._layer_index(layer) for layer in layers]
-        frames = []
-        for step in steps:
-            present = self._mass_layers(step)
-            chosen = present if wanted is None else [i for i in wanted if i in present]
-            tensors = self._read(step, lambda n: n.startswith("mass/"))
-            for i in chosen:
-                mass = tensors[f"mass/{i}"].to(torch.float32)  # (batch, heads, keys)
-                if aggregate is not None:
-                    mass = mass.sum(dim=1, keepdim=True)
-                grid = np.indices(tuple(mass.shape)).reshape(3, -1)
-                frame = {"step": np.full(grid.shape[1], step), "layer": np.full(grid.shape[1], i),
-                         "batch": grid[0], "head": grid[1], "key": grid[2], "mass": mass.reshape(-1).numpy()}
-                frames.append(pd.DataFrame({c: frame[c] for c in columns}))
-        if not frames:
-            return pd.DataFrame({c: pd.Series(dtype="float32" if c == "mass" else "int64") for c in columns})
-        table = pd.concat(frames, ignore_index=True)
-        if aggregate == "key":
-            table = table.groupby(["step", "batch", "key"], as_index=False, sort=True)["mass"].sum()
-        return table.astype({c: "int64" for c in columns if c != "mass"})
+    to_pandas = mass_table  # (the long table lives in attnprobe.store.tables)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
