@@ -35,6 +35,7 @@ from attnprobe.layout import experts as moe
 from attnprobe.layout.registry import Targets, discover
 from attnprobe.recording.capture import SdpaCall, SdpaObserver
 from attnprobe.recording.mass import Workspace, sdpa_call_mass
+from attnprobe.recording.options import DEFAULTS, RecordOptions
 from attnprobe.store.fingerprint import store_fingerprint
 from attnprobe.store.reader import TrajectoryStore
 from attnprobe.store.writer import StoreWriter
@@ -73,9 +74,9 @@ class BlockMassRecording:
         *,
         mask_token_id: int | None = None,
         targets: Targets = None,
-        sink_std: float = 2.0,
-        sink_alpha: float = 5.0,
-        candidate_floor_std: float | None = 1.0,
+        sink_std: float = DEFAULTS.sink_std,
+        sink_alpha: float = DEFAULTS.sink_alpha,
+        candidate_floor_std: float | None = DEFAULTS.candidate_floor_std,
         overwrite: bool = False,
         max_chunk_bytes: int = 32 * 2**20,
         spool_dir: str | Path | None = None,
@@ -87,19 +88,14 @@ class BlockMassRecording:
             mask_token_id if mask_token_id is not None else getattr(config, "mask_token_id", None)
         )
         self.max_chunk_bytes = max_chunk_bytes
-        self._options = {
-            # what record(..., linear_stats=False) writes, so readers and prune see the same store
-            "linear_stats": False,
-            "hessians": False,
-            "stats_mode": "one-pass",
-            "sink_std": sink_std,
-            "sink_alpha": sink_alpha,
-            "candidate_floor_std": candidate_floor_std,
-            "mask_token_id": self.mask_token_id,
-            "save_input_ids": True,
-            "targets": list(self.layout.attention),
-            "recorded": "block-wise",
-        }
+        # what record(..., linear_stats=False) writes, so readers and prune see the same store
+        self._options = RecordOptions(
+            linear_stats=False,
+            sink_std=sink_std,
+            sink_alpha=sink_alpha,
+            candidate_floor_std=candidate_floor_std,
+            mask_token_id=self.mask_token_id,
+        ).manifest(self.layout.attention, recorded="block-wise")
         self._path = path
         self._overwrite = overwrite
         self._spool_parent = spool_dir

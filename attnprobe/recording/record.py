@@ -32,6 +32,7 @@ of the recorded model in another thread is refused with a message saying so.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import threading
@@ -50,6 +51,7 @@ from attnprobe.recording.attention_hooks import AttentionHooks
 from attnprobe.recording.capture import SdpaObserver
 from attnprobe.recording.input_hooks import InputHooks
 from attnprobe.recording.mass import Workspace
+from attnprobe.recording.options import DEFAULTS, RecordOptions
 from attnprobe.recording.step_reduce import Forward, Replay, Step, StepReduction
 from attnprobe.store.fingerprint import store_fingerprint
 from attnprobe.store.reader import TrajectoryStore
@@ -118,24 +120,28 @@ class Recording(AttentionHooks, InputHooks, StepReduction):
         *,
         mask_token_id: int | None = None,
         targets: Targets = None,
-        linear_stats: bool = True,
+        linear_stats: bool = DEFAULTS.linear_stats,
         hessians: bool = False,
         two_pass: bool = False,
-        sink_std: float = 2.0,
-        sink_alpha: float = 5.0,
-        candidate_floor_std: float | None = 1.0,
-        save_input_ids: bool = True,
+        sink_std: float = DEFAULTS.sink_std,
+        sink_alpha: float = DEFAULTS.sink_alpha,
+        candidate_floor_std: float | None = DEFAULTS.candidate_floor_std,
+        save_input_ids: bool = DEFAULTS.save_input_ids,
         overwrite: bool = False,
         append: bool = False,
         max_chunk_bytes: int = 32 * 2**20,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"record() needs a torch.nn.Module, got {type(model).__name__}")
-        if candidate_floor_std is not None and candidate_floor_std > sink_std:
-            raise ValueError(
-                f"candidate_floor_std={candidate_floor_std} is above sink_std={sink_std}: the recorded "
-                "candidate rows would not cover the sinks. Use a floor at or below sink_std."
-            )
+        options = RecordOptions(  # checks the settings before anything is attached
+            linear_stats=linear_stats,
+            hessians=hessians,
+            two_pass=two_pass,
+            sink_std=sink_std,
+            sink_alpha=sink_alpha,
+            candidate_floor_std=candidate_floor_std,
+            save_input_ids=save_input_ids,
+        )
         if active_recording(model) is not None:
             raise RuntimeError(
                 f"{type(model).__name__} is already being recorded; close that record() block first."
@@ -149,6 +155,7 @@ class Recording(AttentionHooks, InputHooks, StepReduction):
         self.mask_token_id = (
             mask_token_id if mask_token_id is not None else getattr(config, "mask_token_id", None)
         )
+        self.options = dataclasses.replace(options, mask_token_id=self.mask_token_id)
         self._want_stats = linear_stats or hessians
         self._want_hessians = hessians
         self.two_pass = two_pass
@@ -227,17 +234,7 @@ class Recording(AttentionHooks, InputHooks, StepReduction):
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def _options(self) -> dict[str, Any]:
-        return {
-            "linear_stats": self._want_stats,
-            "hessians": self._want_hessians,
-            "stats_mode": "two-pass" if self.two_pass else "one-pass",
-            "sink_std": self.sink_std,
-            "sink_alpha": self.sink_alpha,
-            "candidate_floor_std": self.candidate_floor_std,
-            "mask_token_id": self.mask_token_id,
-            "save_input_ids": self.save_input_ids,
-            "targets": list(self.layout.attention),
-        }
+        return self.options.manifest(self.layout.attention)
 
     def _fingerprint(self) -> dict[str, Any]:
         return {
