@@ -2,11 +2,11 @@
 
 How it hooks in, without editing modeling code:
 
-- a :class:`~attnprobe.capture.SdpaObserver` (a ``TorchFunctionMode``) sees every SDPA call while the
-  ``with`` block runs and hands over the post-RoPE ``q``/``k``, the mask, ``is_causal``, ``scale`` and
-  ``enable_gqa``; the call itself runs unchanged;
-- forward pre/post hooks on the attention modules found by :mod:`attnprobe.registry` keep a stack of
-  which module is running, so each SDPA call is attributed to a layer by name;
+- a :class:`~attnprobe.recording.capture.SdpaObserver` (a ``TorchFunctionMode``) sees every SDPA call
+  while the ``with`` block runs and hands over the post-RoPE ``q``/``k``, the mask, ``is_causal``,
+  ``scale`` and ``enable_gqa``; the call itself runs unchanged;
+- forward pre/post hooks on the attention modules found by :mod:`attnprobe.layout.registry` keep a stack
+  of which module is running, so each SDPA call is attributed to a layer by name;
 - pre/post hooks on the model itself delimit steps (one top-level forward = one step, unless the user
   groups forwards with :meth:`Recording.step`) and read ``input_ids`` and the padding
   ``attention_mask``;
@@ -16,9 +16,10 @@ How it hooks in, without editing modeling code:
   step's forwards after the mass is known and reduces inside the hooks, for when the buffer does not
   fit.
 
-The attention-side hooks live in :mod:`attnprobe.attention_hooks`, the linear and routed-expert input
-hooks in :mod:`attnprobe.input_hooks`, the end-of-step reduction in :mod:`attnprobe.step_reduce`; this
-module holds the lifecycle, the steps and the reading view.
+The attention-side hooks live in :mod:`attnprobe.recording.attention_hooks`, the linear and
+routed-expert input hooks in :mod:`attnprobe.recording.input_hooks`, the end-of-step reduction in
+:mod:`attnprobe.recording.step_reduce`, the reading view in :mod:`attnprobe.recording.store_view`; this
+module holds the lifecycle and the steps.
 
 Every handle, the mode and the registration are owned by the :class:`Recording` and removed in
 ``__exit__`` in reverse order, whatever ends the block, and the store's writer is closed. The attention
@@ -51,10 +52,11 @@ from attnprobe.recording.attention_hooks import AttentionHooks
 from attnprobe.recording.capture import SdpaObserver
 from attnprobe.recording.input_hooks import InputHooks
 from attnprobe.recording.mass import Workspace
+from attnprobe.recording.model_calls import token_grid
 from attnprobe.recording.options import DEFAULTS, RecordOptions
 from attnprobe.recording.step_reduce import Forward, Replay, Step, StepReduction
+from attnprobe.recording.store_view import StoreView
 from attnprobe.store.fingerprint import store_fingerprint
-from attnprobe.store.reader import TrajectoryStore
 from attnprobe.store.writer import StoreWriter
 
 logger = logging.getLogger(__name__)
@@ -77,34 +79,7 @@ def active_recording(model: nn.Module) -> Recording | None:
     return _ACTIVE.get(model)
 
 
-def _token_grid(args: tuple, kwargs: dict) -> tuple[Tensor | None, Tensor | None, int | None, int | None]:
-    """``input_ids``, padding mask and (batch, tokens) of a top-level call, where they can be read."""
-    input_ids = kwargs.get("input_ids")
-    if input_ids is None and args and isinstance(args[0], Tensor) and not args[0].is_floating_point():
-        input_ids = args[0]
-    mask = kwargs.get("attention_mask")
-    if mask is None and len(args) > 1 and isinstance(args[1], Tensor) and args[1].dim() == 2:
-        mask = args[1]
-    embeds = kwargs.get("inputs_embeds")
-    shape = None
-    if isinstance(input_ids, Tensor) and input_ids.dim() == 2:
-        shape = tuple(input_ids.shape)
-    elif isinstance(embeds, Tensor) and embeds.dim() == 3:
-        shape = tuple(embeds.shape[:2])
-    valid = None
-    if isinstance(mask, Tensor) and mask.dim() == 2 and (shape is None or tuple(mask.shape) == shape):
-        valid = mask != 0
-        shape = tuple(mask.shape)
-    ids = input_ids.detach() if isinstance(input_ids, Tensor) and input_ids.dim() == 2 else None
-    batch, tokens = shape if shape is not None else (None, None)
-    return ids, valid, batch, tokens
-
-
-# What `store.<name>` may mean on a Recording: the reading API of the store it writes.
-_READING_API = frozenset(name for name in dir(TrajectoryStore) if not name.startswith("_"))
-
-
-class Recording(AttentionHooks, InputHooks, StepReduction):
+class Recording(StoreView, AttentionHooks, InputHooks, StepReduction):
     """A recording in progress and, after it closes, the store it wrote.
 
     The reading API of :class:`~attnprobe.TrajectoryStore` (``num_steps``, ``layers``,
@@ -184,52 +159,6 @@ class Recording(AttentionHooks, InputHooks, StepReduction):
         self._state = "new"  # new -> open -> closed
         self._thread: int | None = None
         self.peak_buffer_bytes = 0
-
-    # -- reading: the recording is also a view of its store --------------------------------------
-
-    @property
-    def store(self):
-        """The :class:`~attnprobe.TrajectoryStore` being written (after the block: the store it wrote)."""
-        if self._writer is None:
-            raise RuntimeError(self._not_started("store"))
-        return self._writer.store
-
-    @property
-    def closed(self) -> bool:
-        """True once the ``with`` block has ended (Hessians, if any, are on disk)."""
-        return self._state == "closed"
-
-    def _not_started(self, what: str) -> str:
-        return (
-            f"{what} was used on a Recording that has not started: record() returns a context manager. "
-            "Use it as `with attnprobe.record(model) as store: ...`, then read `store` in or after the block."
-        )
-
-    def __getattr__(self, name: str):
-        # Only called for attributes Recording lacks: forward the store's reading API.
-        if name.startswith("_"):
-            raise AttributeError(name)
-        if self.__dict__.get("_writer") is None:
-            if name in _READING_API:
-                raise RuntimeError(self._not_started(f"store.{name}"))
-            raise AttributeError(name)
-        return getattr(self._writer.store, name)
-
-    def __len__(self) -> int:
-        return self.store.num_steps
-
-    def __bool__(self) -> bool:  # a recording is truthy even before it starts (len() would raise)
-        return True
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(len(self)))
-
-    def __repr__(self) -> str:
-        if self._writer is None:
-            name = type(self.model).__name__
-            return f"Recording({name}, not started: use `with attnprobe.record(model) as store:`)"
-        state = "recording" if self._state == "open" else "closed"
-        return f"{self.store!r} [{state}]"
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -392,7 +321,7 @@ class Recording(AttentionHooks, InputHooks, StepReduction):
             self._step = Step(meta=dict(self._pending_meta))
             self._pending_meta = {}
         self._attention_stack.clear()  # a top-level forward starts outside every attention module
-        ids, valid, batch, tokens = _token_grid(args, kwargs)
+        ids, valid, batch, tokens = token_grid(args, kwargs)
         replay = (args, kwargs) if self.two_pass and self._want_stats else None
         self._forward = Forward(batch=batch, tokens=tokens, input_ids=ids, valid=valid, replay=replay)
 
@@ -433,7 +362,7 @@ def record(model: nn.Module, path: str | Path | None = None, **options: Any) -> 
             returned object.
         mask_token_id: the mask token, for each step's mask ratio (default: ``model.config.mask_token_id``).
         targets: which modules are attention: a regex over module names (full match) or a predicate
-            ``(name, module) -> bool``; default: structural discovery (see :mod:`attnprobe.registry`).
+            ``(name, module) -> bool``; default: structural discovery (see :mod:`attnprobe.layout.registry`).
         linear_stats: record per-input-feature statistics of every block ``nn.Linear`` (what
             ``prune.apply`` needs; default on). Pass ``False`` for a generation trajectory recorded for
             plots: it then streams attention mass only, faster and with no input buffer
