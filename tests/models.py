@@ -63,12 +63,21 @@ _SMALL = dict(
 )
 
 
-def sharpen(model: nn.Module, factor: float) -> nn.Module:
-    """Scale the q/k projections in place so attention is peaked and sinks stand out, as in trained models."""
+def sharpen(model: nn.Module, factor: float, *, norms: bool = False) -> nn.Module:
+    """Scale the q/k projections in place so attention is peaked and sinks stand out, as in trained models.
+
+    ``norms`` also scales q/k normalisation weights (Qwen3-MoE's ``q_norm``/``k_norm``, LLaDA2's
+    ``query_layernorm``/``key_layernorm``), which otherwise undo the projections' scale.
+    """
+    norm_names = ("q_norm.weight", "k_norm.weight", "query_layernorm.weight", "key_layernorm.weight")
     with torch.no_grad():
         for name, module in model.named_modules():
             if name.endswith(("q_proj", "k_proj")):
                 module.weight.mul_(factor)
+        if norms:
+            for name, param in model.named_parameters():
+                if name.endswith(norm_names):
+                    param.mul_(factor)
     return model
 
 

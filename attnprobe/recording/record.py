@@ -130,7 +130,7 @@ class Recording(StoreView, AttentionHooks, InputHooks, StepReduction):
         self.mask_token_id = (
             mask_token_id if mask_token_id is not None else getattr(config, "mask_token_id", None)
         )
-        self.options = dataclasses.replace(options, mask_token_id=self.mask_token_id)
+        self._settings = dataclasses.replace(options, mask_token_id=self.mask_token_id)
         self._want_stats = linear_stats or hessians
         self._want_hessians = hessians
         self.two_pass = two_pass
@@ -163,7 +163,7 @@ class Recording(StoreView, AttentionHooks, InputHooks, StepReduction):
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def _options(self) -> dict[str, Any]:
-        return self.options.manifest(self.layout.attention)
+        return self._settings.manifest(self.layout.attention)
 
     def _fingerprint(self) -> dict[str, Any]:
         return {

@@ -13,6 +13,35 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def sink_weights(store, sink_std: float = 2.0, sink_alpha: float = 5.0) -> dict[int, Tensor]:
+    """The sink weights w = 1 - s of every step, written out from docs/DESIGN.md "The sink rule".
+
+    Per sample: m[k] = attention mass on key k summed over every layer (whose keys are the step's tokens)
+    and head; thr = mean + sink_std · population std of m over valid keys; s = sigmoid(alpha (m - thr)),
+    0 on padding. Independent of prune's step_weights (plain loops over samples, float64).
+    """
+    weights = {}
+    for step in range(store.num_steps):
+        valid = store.valid(step)
+        tokens = valid.shape[1]
+        m = torch.zeros(valid.shape, dtype=torch.float64)
+        for layer in range(len(store.layers)):
+            try:
+                mass = store.layer_mass(step, layer)  # (batch, heads, keys)
+            except KeyError:
+                continue
+            if mass.shape[-1] == tokens:
+                m += mass.double().sum(dim=1)
+        w = torch.ones_like(m)
+        for b in range(m.shape[0]):
+            keys = m[b][valid[b]]
+            thr = keys.mean() + sink_std * keys.std(unbiased=False)
+            s = torch.sigmoid(sink_alpha * (m[b] - thr)) * valid[b]
+            w[b] = 1 - s
+        weights[step] = w.float()
+    return weights
+
+
 def route(mlp: nn.Module, x: Tensor) -> Tensor:
     """(N, k) experts chosen for each row of x (N, H)."""
     gate = mlp.gate

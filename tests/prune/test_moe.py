@@ -10,9 +10,8 @@ import attnprobe
 import prune
 from prune.methods.masks import select_unstructured
 from prune.methods.sparsegpt import sparsegpt_prune
-from prune.engine.statistics import SinkSettings, step_weights
 from tests import moe_models
-from tests.prune.moe_reference import expert_statistics
+from tests.prune.moe_reference import expert_statistics, sink_weights
 
 MASK = moe_models.MASK_TOKEN_ID
 
@@ -78,7 +77,7 @@ def test_qwen3_moe_half_of_attention_and_expert_weights(recwarn):
 def test_expert_masks_equal_independent_per_expert_wanda(build, sink_aware):
     model = build()
     store = _calibrated(model)
-    weights = step_weights(store, SinkSettings()) if sink_aware else None
+    weights = sink_weights(store) if sink_aware else None
     golden = expert_statistics(model, store, weights)
     dense = {n: w.detach().clone() for n, w in _expert_weights(model).items()}
     result = prune.apply(model, store, 0.5, method="wanda", sink_aware=sink_aware, progress=False)
@@ -181,7 +180,7 @@ def test_sequential_expert_masks_equal_routing_on_pruned_earlier_blocks(build):
     """Block-wise: layer 0 from the dense model, layer 1 from inputs through the pruned layer 0."""
     model = build()
     store = _calibrated(model)
-    weights = step_weights(store, SinkSettings())
+    weights = sink_weights(store)
     golden_model = build()
     dense = {n: w.detach().clone() for n, w in _expert_weights(model).items()}
     result = prune.apply(model, store, 0.5, sink_aware=True, sequential=True, progress=False)

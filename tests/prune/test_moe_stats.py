@@ -8,9 +8,9 @@ from torch import nn
 
 import attnprobe
 from attnprobe.layout.experts import ExpertSet, reduce_experts
-from prune.engine.statistics import SinkSettings, activation_norms, step_weights
-from tests import moe_models
-from tests.prune.moe_reference import expert_statistics
+from prune.engine.statistics import SinkSettings, activation_norms
+from tests import models, moe_models
+from tests.prune.moe_reference import expert_statistics, sink_weights
 
 MASK = moe_models.MASK_TOKEN_ID
 BUILDERS = {
@@ -21,18 +21,8 @@ BUILDERS = {
 }
 
 
-def _sharpen(model: nn.Module, factor: float = 4.0) -> nn.Module:
-    """Peak the attention so that sinks stand out (q/k norms or projections scaled)."""
-    suffixes = ("q_norm.weight", "k_norm.weight", "query_layernorm.weight", "key_layernorm.weight")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(suffixes) or name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.mul_(factor)
-    return model
-
-
 def _recorded(kind: str, **options):
-    model = _sharpen(BUILDERS[kind]())
+    model = models.sharpen(BUILDERS[kind](), 4.0, norms=True)
     ids = torch.randint(3, 60, (3, 16), generator=torch.Generator().manual_seed(0))
     ids[:, 0] = 1
     with attnprobe.record(model, mask_token_id=MASK, **options) as store:
@@ -75,7 +65,7 @@ def test_reduce_experts_by_hand():
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_recorded_expert_statistics_equal_explicit_routing(kind):
     model, store = _recorded(kind)
-    weights = step_weights(store, SinkSettings())
+    weights = sink_weights(store)
     assert min(float(w.min()) for w in weights.values()) < 0.5  # sinks exist: the weighting matters
     for sink_aware in (False, True):
         golden = expert_statistics(model, store, weights if sink_aware else None)
@@ -90,7 +80,7 @@ def test_recorded_expert_statistics_equal_explicit_routing(kind):
 def test_expert_reweighting_at_other_sink_parameters_uses_own_candidate_rows():
     model, store = _recorded("olmoe")
     settings = SinkSettings(sink_std=1.5, sink_alpha=5.0)  # not recorded: re-weighted from candidates
-    weights = step_weights(store, settings)
+    weights = sink_weights(store, settings.sink_std, settings.sink_alpha)
     # The documented contract: tokens below the recorded floor count with w = 1 (their true weight is
     # within 1 - sigmoid(-alpha (sink_std - floor) std) of it); the candidates get their own weight.
     on_candidates = {}
@@ -144,7 +134,7 @@ def test_expert_linears_no_longer_warn_and_routers_stay_linear_groups(recwarn):
 def test_grouped_forwards_and_padding_use_each_rows_own_weight():
     """Two forwards in one step (stacked along the batch) and padded tokens: candidate rows of the second
     forward index the step's candidates, padding counts nowhere."""
-    model = _sharpen(moe_models.olmoe_style())
+    model = models.sharpen(moe_models.olmoe_style(), 4.0, norms=True)
     ids = torch.randint(3, 60, (5, 12), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0
@@ -157,7 +147,7 @@ def test_grouped_forwards_and_padding_use_each_rows_own_weight():
     assert store.num_steps == 2 and not bool(store.valid(0).all())
     samples = sum(store.valid(s).shape[0] for s in range(store.num_steps))
     for settings in (SinkSettings(), SinkSettings(sink_std=1.5)):  # exact, then re-weighted
-        weights = step_weights(store, settings)
+        weights = sink_weights(store, settings.sink_std, settings.sink_alpha)
         if settings.sink_std != 2.0:
             for step, w in weights.items():
                 keep = torch.ones_like(w)
