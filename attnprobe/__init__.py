@@ -2,9 +2,10 @@
 
 Example:
     >>> import attnprobe
-    >>> with attnprobe.record(model, "runs/gen", linear_stats=False) as store:  # doctest: +SKIP
-    ...     attnprobe.generate(model, prompt, mask_token_id=126336, steps=64)
-    >>> attnprobe.open("runs/gen").attention_mass(0).shape                        # doctest: +SKIP
+    >>> with attnprobe.record(model, "runs/demo", linear_stats=False) as store:
+    ...     out = attnprobe.generate(model, prompt, mask_token_id=259, gen_length=8, steps=4)
+    >>> attnprobe.open("runs/demo").attention_mass(0).shape  # (layers, batch, heads, keys)
+    torch.Size([4, 1, 6, 16])
 
 Subpackages (docs/DESIGN.md): ``layout`` (what the model is made of), ``recording`` (hooks → mass and
 input statistics), ``store`` (the on-disk trajectory store), ``analysis`` (sinks, metrics, figures),

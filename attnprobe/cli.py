@@ -189,8 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         (one line on stderr). Usage errors exit 2 through argparse.
 
     Example:
-        >>> main(["summary", "runs/gen", "--format", "csv"])  # doctest: +SKIP
-        0
+        >>> import contextlib, io
+        >>> with contextlib.redirect_stdout(io.StringIO()) as printed:
+        ...     code = main(["summary", "runs/gen", "--format", "csv"])
+        >>> code, printed.getvalue().splitlines()[0].split(",")[:2]
+        (0, ['layer', 'name'])
     """
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler

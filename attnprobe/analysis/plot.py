@@ -144,8 +144,10 @@ def plot_sinks(
         ImportError: matplotlib is not installed (``pip install 'attnprobe[plot]'``).
 
     Example:
-        >>> plot_sinks([attnprobe.open("runs/dlm"), attnprobe.open("runs/ar")],  # doctest: +SKIP
-        ...            ["LLaDA", "LLaMA"], "sinks.png")
+        >>> figure = plot_sinks([attnprobe.open("runs/gen"), attnprobe.open("runs/calib")],
+        ...                     ["generation", "calibration"], "sinks.png")
+        >>> import os; os.path.getsize("sinks.png") > 0
+        True
     """
     if not stores:
         raise ValueError("plot_sinks needs at least one store.")

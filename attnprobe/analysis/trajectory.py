@@ -217,8 +217,9 @@ def step_table(
         jaccard_with_next, next_skip_reason.
 
     Example:
-        >>> table = step_table(attnprobe.open("runs/gen"))  # doctest: +SKIP
-        >>> table.groupby("step").top1_share.mean()  # doctest: +SKIP
+        >>> table = step_table(attnprobe.open("runs/gen"))
+        >>> len(table), bool(table.top1_share.between(0, 1).all())  # one row per (step, sample)
+        (4, True)
     """
     import pandas as pd
 
@@ -261,7 +262,8 @@ def layer_table(store: StoreLike) -> pd.DataFrame:
         entropy, n_trajectories.
 
     Example:
-        >>> layer_table(attnprobe.open("runs/gen")).sort_values("temporal_variance")  # doctest: +SKIP
+        >>> len(layer_table(attnprobe.open("runs/gen")))  # one row per layer
+        4
     """
     import pandas as pd
 
@@ -319,7 +321,8 @@ def summary(
         a one-row frame.
 
     Example:
-        >>> summary(attnprobe.open("runs/gen"))["temporal_variance"]  # doctest: +SKIP
+        >>> summary(attnprobe.open("runs/gen"))["temporal_variance"] >= 0
+        True
     """
     sink_std = _options(store, sink_std, top_frac, rule)
     scan = _scan(store, sink_std, rule, ratio, top_frac)

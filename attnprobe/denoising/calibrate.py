@@ -121,8 +121,11 @@ def calibrate(
         The number of steps this process recorded.
 
     Example:
-        >>> with attnprobe.record(model, "runs/calib", linear_stats=True) as store:   # doctest: +SKIP
-        ...     attnprobe.calibrate(model, ids, mask_token_id=126336, steps=10, sample_interval=5)
+        >>> with attnprobe.record(model, "runs/calib2") as store:
+        ...     n = attnprobe.calibrate(model, ids, mask_token_id=259, steps=10, sample_interval=5,
+        ...                             progress=False)
+        >>> store.num_steps  # 2 windows x 2 noise levels, one window per forward
+        4
     """
     recording = active_recording(model)
     if recording is None:

@@ -164,8 +164,8 @@ def discover_experts(model: nn.Module, blocks: list[str] | tuple[str, ...] | Non
     treated as experts.
 
     Example:
-        >>> sets = discover_experts(model)                        # doctest: +SKIP
-        >>> sets[0].name, sets[0].num_experts                       # doctest: +SKIP
+        >>> sets = discover_experts(moe_model)
+        >>> sets[0].name, sets[0].num_experts
         ('model.layers.0.mlp.experts', 4)
     """
     modules = dict(model.named_modules())
@@ -200,8 +200,8 @@ def expert_weight(model: nn.Module, name: str, modules: dict[str, nn.Module] | N
         modules: ``dict(model.named_modules())`` when resolving many names.
 
     Example:
-        >>> expert_weight(model, "model.layers.0.mlp.experts.down_proj.3").shape   # doctest: +SKIP
-        torch.Size([32, 16])
+        >>> expert_weight(moe_model, "model.layers.0.mlp.experts.down_proj.3").shape
+        torch.Size([32, 32])
     """
     modules = modules if modules is not None else dict(model.named_modules())
     owner, _, last = name.rpartition(".")

@@ -122,8 +122,10 @@ def discover(model: nn.Module, targets: Targets = None) -> ModelLayout:
         ValueError: if no module matches; the message lists candidate names and shows ``targets=``.
 
     Example:
-        >>> layout = discover(model)                         # doctest: +SKIP
-        >>> layout = discover(model, targets=r".*\\.self_attn")  # doctest: +SKIP
+        >>> discover(model).attention[:1]
+        ('model.layers.0.self_attn',)
+        >>> len(discover(model, targets=r"model\\.layers\\.[01]\\.self_attn").attention)
+        2
     """
     match = _matcher(targets)
     selected = [name for name, module in model.named_modules() if match(name, module)]

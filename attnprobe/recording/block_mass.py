@@ -57,7 +57,9 @@ class BlockMassRecording:
         spool_dir: where the per-layer spool files go (default: a temporary directory next to the
             store, on the same disk).
 
-    Example:
+    Example (a sketch of the engine's loop, not run: ``blocks``, ``cached`` and ``steps`` come from
+    ``prune.record_blockwise``, which runs this for real and is tested)::
+
         >>> with BlockMassRecording(model, "runs/calib", mask_token_id=126336) as rec:  # doctest: +SKIP
         ...     for block in blocks:
         ...         for step, inputs in enumerate(cached):

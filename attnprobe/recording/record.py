@@ -253,9 +253,11 @@ class Recording(StoreView, AttentionHooks, InputHooks, StepReduction):
             **meta: JSON-serialisable metadata stored with the step (e.g. ``t=0.4``).
 
         Example:
-            >>> with attnprobe.record(model) as rec:                   # doctest: +SKIP
+            >>> with attnprobe.record(model) as rec:
             ...     with rec.step(t=0.5):
-            ...         cond, uncond = model(ids), model(ids_unconditional)
+            ...         cond, uncond = model(ids), model(ids.flip(1))
+            >>> rec.num_steps, rec.step_meta(0)["t"]
+            (1, 0.5)
         """
         if self._state != "open":
             raise RuntimeError(
@@ -382,9 +384,9 @@ def record(model: nn.Module, path: str | Path | None = None, **options: Any) -> 
         A :class:`Recording`.
 
     Example:
-        >>> with attnprobe.record(model, "runs/gen", mask_token_id=126336) as store:  # doctest: +SKIP
-        ...     generate(model, prompt, steps=64)
-        >>> store.num_steps                                                            # doctest: +SKIP
-        64
+        >>> with attnprobe.record(model, "runs/gen2", linear_stats=False) as store:
+        ...     out = attnprobe.generate(model, prompt, mask_token_id=259, gen_length=8, steps=4)
+        >>> store.num_steps
+        4
     """
     return Recording(model, path, **options)

@@ -29,9 +29,9 @@ def open_store(path: str | Path) -> TrajectoryStore:
             schema version, or a step file is missing from the numbering.
 
     Example:
-        >>> store = attnprobe.open("runs/gen")                          # doctest: +SKIP
-        >>> store.step_meta(0)["mask_ratio"]                             # doctest: +SKIP
-        1.0
+        >>> store = attnprobe.open("runs/gen")
+        >>> store.num_steps, store.step_meta(0)["mask_ratio"]
+        (4, 0.5)
     """
     path = Path(path)
     if is_sharded(read_manifest(path)):

@@ -66,11 +66,11 @@ class TrajectoryStore:
     collected. Stores at a user path are never deleted by closing them.
 
     Example:
-        >>> store = open_store("runs/gen")                               # doctest: +SKIP
-        >>> store.num_steps, store.layers[:1]                            # doctest: +SKIP
-        (64, ['model.layers.0.self_attn'])
-        >>> store.attention_mass(0).shape  # (layers, batch, heads, keys)  # doctest: +SKIP
-        torch.Size([32, 1, 32, 128])
+        >>> store = attnprobe.open("runs/gen")
+        >>> store.num_steps, store.layers[:1]
+        (4, ['model.layers.0.self_attn'])
+        >>> store.attention_mass(0).shape  # (layers, batch, heads, keys)
+        torch.Size([4, 1, 6, 16])
     """
 
     def __init__(self, path: str | Path, *, _tempdir: tempfile.TemporaryDirectory | None = None) -> None:
@@ -242,8 +242,8 @@ class TrajectoryStore:
             KeyError: the layer has no mass at this step (it did not run in every forward of the step).
 
         Example:
-            >>> store.layer_mass(0, "model.layers.0.self_attn").shape    # doctest: +SKIP
-            torch.Size([1, 32, 128])
+            >>> attnprobe.open("runs/gen").layer_mass(0, "model.layers.0.self_attn").shape
+            torch.Size([1, 6, 16])
         """
         index = self._layer_index(layer)
         present = self._mass_layers(step)
@@ -274,7 +274,8 @@ class TrajectoryStore:
             KeyError: a layer has no mass at this step.
 
         Example:
-            >>> total = store.attention_mass(0).sum(dim=(0, 2))  # (batch, keys)  # doctest: +SKIP
+            >>> attnprobe.open("runs/gen").attention_mass(0).sum(dim=(0, 2)).shape  # (batch, keys)
+            torch.Size([1, 16])
         """
         present = self._mass_layers(step)
         expected = range(max(len(self.layers), present[-1] + 1 if present else 0))

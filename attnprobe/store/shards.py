@@ -55,7 +55,9 @@ class ShardedStore(TrajectoryStore):
     :meth:`hessians` sums the shards. :meth:`step_meta` adds ``rank``, ``session`` and ``shard_step``;
     :meth:`to_pandas` has a ``rank`` column.
 
-    Example:
+    Example (not run here: it needs a store recorded by a process group, as in
+    ``tests/distributed``)::
+
         >>> store = attnprobe.open("runs/calib-ddp")          # doctest: +SKIP
         >>> store.world_size, store.num_steps                 # doctest: +SKIP
         (2, 640)

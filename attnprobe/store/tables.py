@@ -37,8 +37,9 @@ def mass_table(
         :attr:`layers`; ``mass`` float32).
 
     Example:
-        >>> df = store.to_pandas(steps=[0], aggregate="key")        # doctest: +SKIP
-        >>> df.groupby("key").mass.mean().nlargest(3)                # doctest: +SKIP
+        >>> df = attnprobe.open("runs/gen").to_pandas(steps=[0], aggregate="key")
+        >>> list(df.columns), len(df)  # one row per (step, batch, key)
+        (['step', 'batch', 'key', 'mass'], 16)
     """
     import numpy as np
     import pandas as pd

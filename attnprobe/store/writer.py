@@ -106,7 +106,11 @@ class StoreWriter:
                 other files, or (``append``) a store of another model or other options.
 
         Example:
-            >>> w = StoreWriter.create("runs/x", fingerprint={}, options={}, overwrite=True)  # doctest: +SKIP
+            >>> w = StoreWriter.create("runs/x", fingerprint={}, options={}, overwrite=True)
+            >>> w.write_step({"valid": torch.ones(1, 4, dtype=torch.bool)}, {"t": 0.3}, {})
+            0
+            >>> w.close(); w.store.num_steps
+            1
         """
         if overwrite and append:
             raise ValueError("overwrite=True and append=True exclude each other; pass one of them.")
@@ -199,7 +203,10 @@ class StoreWriter:
         """Set fingerprint fields (e.g. ``layers`` once step 0 ran), rewriting the manifest atomically.
 
         Example:
-            >>> writer.update_fingerprint(layers=["model.layers.0.self_attn"])  # doctest: +SKIP
+            >>> writer = StoreWriter.create(None, fingerprint={}, options={})
+            >>> writer.update_fingerprint(layers=["model.layers.0.self_attn"])
+            >>> writer.store.layers
+            ['model.layers.0.self_attn']
         """
         self._check_open()
         manifest = read_manifest(self.path)
@@ -221,7 +228,9 @@ class StoreWriter:
             The step index.
 
         Example:
-            >>> writer.write_step({"mass/0": mass, "valid": valid}, {"t": 0.3}, {})  # doctest: +SKIP
+            >>> writer = StoreWriter.create(None, fingerprint={}, options={})
+            >>> mass, valid = torch.rand(1, 2, 4), torch.ones(1, 4, dtype=torch.bool)
+            >>> writer.write_step({"mass/0": mass, "valid": valid}, {"t": 0.3}, {})
             0
         """
         self._check_open()
@@ -245,7 +254,11 @@ class StoreWriter:
         Replaces an existing file.
 
         Example:
-            >>> writer.write_hessians({"q/plain": h, "q/weighted": hw, "q/nsamples": n})  # doctest: +SKIP
+            >>> writer = StoreWriter.create(None, fingerprint={}, options={})
+            >>> h = torch.eye(3)
+            >>> writer.write_hessians({"q/plain": h, "q/weighted": h / 2, "q/nsamples": torch.tensor(4)})
+            >>> writer.close(); writer.store.hessians()["q"]["nsamples"]
+            tensor(4)
         """
         self._check_open()
         for name in tensors:
