@@ -1,12 +1,15 @@
 """prune: magnitude, Wanda and SparseGPT pruning of diffusion LMs, baseline and sink-aware.
 
 Example:
-    >>> import attnprobe, prune                                                      # doctest: +SKIP
-    >>> with attnprobe.record(model, "runs/calib") as store:                        # doctest: +SKIP
-    ...     attnprobe.calibrate(model, ids, mask_token_id=126336)
-    >>> result = prune.apply(model, store, 0.5, method="wanda", sink_aware=True)   # doctest: +SKIP
-    >>> prune.save_masks(result.masks, "masks.safetensors", model=model)           # doctest: +SKIP
-    >>> prune.save_pretrained(model, "pruned", result, tokenizer=tokenizer)         # doctest: +SKIP
+    >>> import attnprobe, prune
+    >>> with attnprobe.record(model, "runs/demo") as store:
+    ...     n = attnprobe.calibrate(model, ids, mask_token_id=259, steps=4, sample_interval=2, progress=False)
+    >>> result = prune.apply(model, store, 0.5, method="wanda", sink_aware=True, progress=False)
+    >>> round(float((model.model.layers[0].mlp.up_proj.weight == 0).float().mean()), 3)
+    0.5
+    >>> prune.save_masks(result.masks, "masks.safetensors", model=model)
+    PosixPath('masks.safetensors')
+    >>> checkpoint = prune.save_pretrained(model, "pruned", result)
 
 The lm-eval model ``attnprobe`` lives in ``prune.evaluation.harness`` (optional extra ``eval``; not
 imported here).

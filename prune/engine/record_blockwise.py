@@ -74,11 +74,13 @@ def record_blockwise(
     Returns:
         The written :class:`attnprobe.TrajectoryStore`.
 
-    Example:
-        >>> store = prune.record_blockwise(model, ids, "runs/calib", mask_token_id=126336,
-        ...                                device="cuda:0", batch_size=8)           # doctest: +SKIP
-        >>> prune.apply(model, store, 0.5, method="wanda", sink_aware=True,
-        ...             sequential=True, device="cuda:0")                          # doctest: +SKIP
+    Example (on a GPU pass ``device="cuda:0"``; here the CPU):
+        >>> store = prune.record_blockwise(model, ids, "runs/blockwise", mask_token_id=259, steps=4,
+        ...                                sample_interval=2, device="cpu", progress=False)
+        >>> store.num_steps
+        4
+        >>> result = prune.apply(model, store, 0.5, method="wanda", sink_aware=True, sequential=True,
+        ...                      device="cpu", progress=False)
     """
     planned = list(
         calibration_steps(

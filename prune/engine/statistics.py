@@ -158,7 +158,9 @@ def activation_norms(
         ``{linear name: (in_features,) float32}``.
 
     Example:
-        >>> norms = activation_norms(attnprobe.open("runs/calib"), sink_aware=True)   # doctest: +SKIP
+        >>> norms = activation_norms(attnprobe.open("runs/calib"), sink_aware=True)
+        >>> norms["model.layers.0.mlp.up_proj"].shape  # one norm per input feature
+        torch.Size([192])
     """
     check_accumulation(accumulate)
     _require_linear_stats(store)

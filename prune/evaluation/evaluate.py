@@ -278,11 +278,11 @@ def evaluate(
             non-positive ``num_samples`` or ``batch_size``.
 
     Example:
-        >>> import prune                                                          # doctest: +SKIP
-        >>> ids = heldout_ids[:, :512]  # (N, 512) token ids, no padding          # doctest: +SKIP
-        >>> prune.evaluate(model, ids, mask_token_id=126336, num_samples=32).nll  # doctest: +SKIP
-        >>> prune.evaluate(model, ids, estimator="llada", prompt_length=128)     # doctest: +SKIP
-        >>> prune.evaluate(causal_model, ids)  # estimator "ar"                   # doctest: +SKIP
+        >>> result = prune.evaluate(model, ids, mask_token_id=259, num_samples=4, progress=False)
+        >>> 0 < result.nll < 10  # nats per masked token of the held-out windows ``ids``
+        True
+        >>> llada = prune.evaluate(model, ids, mask_token_id=259, estimator="llada", prompt_length=16,
+        ...                        num_samples=4, progress=False)
     """
     if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
