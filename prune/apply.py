@@ -270,6 +270,11 @@ def apply(
         )
     if sequential:
         check_offload(offload_device, cache_dir)
+    elif offload_device == "disk" or cache_dir is not None:
+        raise ValueError(
+            "offload_device='disk' and cache_dir= hold the block inputs of sequential pruning; one-shot "
+            "pruning caches none. Pass sequential=True, or drop them."
+        )
     if kind == "structured":
         if targets is not None or ignore is not None:
             raise ValueError(

@@ -179,5 +179,7 @@ def test_bad_offload_values_are_refused_with_the_fix(tmp_path):
         prune.apply(model, store, 0.5, sequential=True, offload_device="disk", cache_dir=tmp_path / "no")
     with pytest.raises(ValueError, match="pass offload_device='disk'"):
         prune.apply(model, store, 0.5, sequential=True, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="Pass sequential=True"):
+        prune.apply(model, store, 0.5, offload_device="disk", progress=False)
     with pytest.raises(ValueError, match="pass offload_device='disk'"):
         prune.record_blockwise(model, _windows(False)[0], mask_token_id=MASK, cache_dir=tmp_path)
