@@ -8,7 +8,8 @@ costs O(L):
 1. **Capture.** For every calibration step the model runs once with a pre-hook on the first block that
    stores that block's arguments and keyword arguments (hidden states, position embeddings, masks)
    and raises to stop the forward. The hidden states are cached on ``offload_device`` (CPU by
-   default) in the model's dtype; KV caches handed to the block are dropped.
+   default; ``"disk"``: memory-mapped files, :mod:`prune.block_cache`) in the model's dtype; arguments
+   equal in every step are kept once; KV caches handed to the block are dropped.
 2. **Block by block.** Block b runs over the cached inputs of every step with pre-hooks on its linears
    accumulating their input statistics (:mod:`prune.block_stats`, float32, in place, on the block's
    device); :func:`_finish_block_statistics` completes them (the hook point for data parallelism);
@@ -17,6 +18,11 @@ costs O(L):
    statistics (Hessians) exist at any time.
 3. **Onloading.** With ``device=`` the model may live on the CPU: the parts outside the blocks
    (embeddings, rotary tables) visit the device for the capture, then each block visits it in turn.
+
+In a process group each rank runs its share of the steps; a rank that raises keeps its error until the
+next collective (before the block's statistics are all-reduced, and at the end), where every rank
+learns of it and raises (:func:`attnprobe.distributed.raise_if_any_failed`), so none waits for the
+group's timeout.
 
 The blocks must form one chain: consecutive entries of one ``nn.ModuleList``, each block's output
 (its first output for tuples) being the next block's hidden-state input. Models whose attention
