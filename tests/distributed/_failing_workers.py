@@ -54,12 +54,17 @@ def ranks(rank: int, world: int, tmp: str) -> None:
 
         if rank == 1:
             net.model.layers[0].register_forward_pre_hook(fail)
+        # the second case caches block inputs on disk: its directory must go on every rank too
+        cache_dir = Path(tmp) / f"cache-{case}-rank{rank}"
+        cache_dir.mkdir()
+        offload = dict(offload_device="disk", cache_dir=cache_dir) if case == "propagation" else {}
         try:
-            prune.apply(net, store, 0.5, method="wanda", sequential=True, progress=False)
+            prune.apply(net, store, 0.5, method="wanda", sequential=True, progress=False, **offload)
             seen[case] = {"raised": None}
         except Exception as err:  # noqa: BLE001 - the test inspects whatever was raised
             seen[case] = {"raised": type(err).__name__, "message": str(err)}
         seen[case]["unchanged"] = all(torch.equal(p, before[n]) for n, p in net.named_parameters())
+        seen[case]["cache_left"] = [path.name for path in cache_dir.iterdir()]
     torch.distributed.barrier()  # the group still works after both failures
     (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(seen))
     torch.distributed.destroy_process_group()

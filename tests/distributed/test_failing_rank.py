@@ -40,3 +40,4 @@ def test_a_rank_failing_mid_forward_makes_every_rank_raise_its_error(tmp_path):
         assert "failed on rank 1" in healthy["message"], case
         assert f"planted failure in call {call} on rank 1" in healthy["message"], case
         assert failing["unchanged"] and healthy["unchanged"], case  # every rank rolled back
+        assert failing["cache_left"] == healthy["cache_left"] == [], case
