@@ -12,6 +12,10 @@ store's steps, read rank after rank, in the order one process records them.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -149,3 +153,73 @@ def raise_if_any_failed(error: BaseException | None, what: str) -> None:
         raise error
     first_rank, message = failed[0]
     raise RuntimeError(f"{what} failed on rank {first_rank} ({message}); nothing was changed on this rank.")
+
+
+def _launched_world() -> int | None:
+    """The world size ``torchrun`` (or another launcher setting RANK and WORLD_SIZE) gave this process,
+    or None when launched plainly."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    try:
+        return int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        raise ValueError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer; launch with torchrun, which sets "
+            "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT."
+        ) from None
+
+
+def init_from_env(
+    backend: str | None = None, *, init_method: str | None = None, timeout: timedelta | None = None
+) -> bool:
+    """Initialize the default process group when this process was launched by ``torchrun``.
+
+    ``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address; under it this
+    starts the group (``env://`` unless ``init_method`` is given). With NCCL each process first takes
+    ``cuda:LOCAL_RANK`` as its current device. Launched plainly (no ``RANK``/``WORLD_SIZE``), or when a
+    group already exists, it does nothing.
+
+    Args:
+        backend: default NCCL when CUDA is available, else gloo.
+        init_method: e.g. ``"file:///tmp/rendezvous"``; default ``env://`` (torchrun's variables).
+        timeout: the group's collective timeout (default: torch's).
+
+    Returns:
+        True if this call started the group (the caller then destroys it, see :func:`group_from_env`).
+
+    Example:
+        >>> started = init_from_env()  # plain python: no group, returns False
+        >>> started
+        False
+    """
+    if is_initialized() or _launched_world() is None:
+        return False
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    options: dict[str, Any] = {"init_method": init_method or "env://"}
+    if timeout is not None:
+        options["timeout"] = timeout
+    torch.distributed.init_process_group(backend, **options)
+    return True
+
+
+@contextmanager
+def group_from_env(backend: str | None = None, **options: Any) -> Iterator[bool]:
+    """:func:`init_from_env` for the duration of the block; destroys the group it started on exit.
+
+    Yields whether a process group of more than one rank is in use. This is how a script (the hub
+    recipe, ``attnprobe``'s command line) runs both plainly and under ``torchrun``.
+
+    Example:
+        >>> with group_from_env() as distributed:  # doctest: +SKIP
+        ...     result = prune.apply(model, store, 0.5, sequential=True)
+        ...     if rank() == 0:
+        ...         prune.save_masks(result.masks, "masks.safetensors")
+    """
+    started = init_from_env(backend, **options)
+    try:
+        yield world_size() > 1
+    finally:
+        if started and is_initialized():
+            torch.distributed.destroy_process_group()

@@ -41,6 +41,13 @@ class MovedModule(types.ModuleType):
         )
         return value
 
+    def __setattr__(self, name: str, value) -> None:
+        # Patching the old path (a test's monkeypatch, a user's override) reaches the real module.
+        setattr(importlib.import_module(self.__dict__["_new_path"]), name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(importlib.import_module(self.__dict__["_new_path"]), name)
+
     def __dir__(self) -> list[str]:
         return dir(importlib.import_module(self.__dict__["_new_path"]))
 

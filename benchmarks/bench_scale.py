@@ -15,8 +15,16 @@
   batch 1, L = 1024 (and L = 256 for the slope in L).
 - ``projected_device_peak_gib``: the device peak for the whole 32-block LLaDA-8B at L = 4096 with
   onloading (docs/BENCHMARKS.md explains the formula).
+- ``projected_host_extra_gib`` / ``projected_host_extra_gib_ram``: the host memory of the cached block
+  inputs for LLaDA-8B at the paper's recipe (128 windows × 10 noise levels × L = 4096, hidden 4096,
+  bf16), beyond the model's weights, with ``offload_device="disk"`` and in memory. Measured on a slice:
+  the cache (:mod:`prune.engine.block_cache`) driven in fresh subprocesses with the engine's access pattern
+  (capture every step, then per block a statistics pass reading every step and a pass replacing every
+  step's hidden states) at LLaDA-8B's step size, for a few step counts and batch sizes; projected
+  linearly in steps (memory) and in step size (disk). ``projected_host_retained_gib``: what ``apply``
+  keeps by design besides (masks, rollback copy; SparseGPT's weights), not in those figures.
 
-Usage: ``python benchmarks/bench_scale.py [--quick] [--skip-8b]``; last line JSON.
+Usage: ``python benchmarks/bench_scale.py [--quick] [--skip-8b] [--only-host]``; last line JSON.
 """
 
 from __future__ import annotations
@@ -165,17 +173,119 @@ def eight_b(tmp: Path) -> dict:
     }
 
 
+# LLaDA-8B at the paper's recipe: 128 windows x 10 noise levels, L = 4096, hidden 4096, bf16; the
+# recipe's steps hold RECIPE_BATCH windows each (examples/prune_hub_model.py's --batch-size default).
+RECIPE_SEQUENCES, RECIPE_LENGTH, RECIPE_BATCH, HEAD_DIM = 128 * 10, 4096, 8, 128
+
+
+def host_child(mode: str, steps: int, batch: int) -> None:
+    """Drive one block-input cache as the engine does at LLaDA-8B's step size; print memory as JSON.
+
+    The blocks' compute is left out: on a GPU it happens on the device, and what the host sees of a
+    block's output is the copy that replaces the cached step, allocated here as ``hidden + 1``.
+    """
+    from prune.engine.block_cache import open_cache
+    from prune.engine.blockwise import _BlockInput
+
+    hidden_size = WIDE["hidden_size"]
+    gen = torch.Generator().manual_seed(0)
+    angles = torch.arange(RECIPE_LENGTH, dtype=torch.float32)[:, None] * torch.ones(HEAD_DIM)
+    before = _rss()
+    start = time.perf_counter()
+    with open_cache(mode) as cache:
+        for _ in range(steps):  # capture: every forward makes its own (equal) rotary tables
+            shape = (batch, RECIPE_LENGTH, hidden_size)
+            hidden = torch.empty(shape, dtype=torch.bfloat16).normal_(generator=gen)
+            rotary = (angles.cos()[None], angles.sin()[None])  # (1, L, head_dim) float32
+            kwargs = {"position_embeddings": rotary, "attention_mask": None}
+            cache.add(_BlockInput(hidden, (None,), kwargs, 0))
+            del hidden, rotary
+        for _ in range(2):  # two blocks
+            for entry in cache:  # statistics pass: the block reads every step
+                float(entry.hidden[0, 0, 0])
+            for number, entry in enumerate(cache):  # the pruned block's outputs replace its inputs
+                cache.replace_hidden(number, entry.hidden + 1)
+                del entry
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step_bytes = batch * RECIPE_LENGTH * hidden_size * 2
+    seconds = time.perf_counter() - start
+    print(json.dumps({"extra": peak - before, "step_bytes": step_bytes, "seconds": seconds}))
+
+
+def run_host_child(mode: str, steps: int, batch: int) -> dict:
+    args = [sys.executable, __file__, "--host-child", mode, str(steps), str(batch)]
+    out = subprocess.run(args, check=True, capture_output=True, text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"host cache {mode}, {steps} steps of batch {batch}: {result}", flush=True)
+    return result
+
+
+def host_memory(quick: bool) -> dict:
+    """Measured cache memory on slices, projected to LLaDA-8B at the paper's recipe."""
+    few, many = (4, 12) if quick else (8, 32)
+    ram = {n: run_host_child("cpu", n, 1) for n in (few, many)}
+    disk = {n: run_host_child("disk", n, 1) for n in (few, many)}
+    disk_wide = run_host_child("disk", few, 4)
+    step1 = ram[few]["step_bytes"]  # one window: 4096 x 4096 x 2 B = 32 MiB
+    # In memory: extra = base + per_step x steps; the slope is what one more cached step costs.
+    per_step = (ram[many]["extra"] - ram[few]["extra"]) / (many - few)
+    base = ram[few]["extra"] - per_step * few
+    recipe_steps_batch1 = RECIPE_SEQUENCES  # the cache holds every sequence whatever the batch
+    projected_ram = base + per_step * recipe_steps_batch1
+    # On disk: extra does not depend on the number of steps (few vs many), only on the step size:
+    # fit extra = fixed + k x step_bytes from one-window and four-window steps.
+    k = (disk_wide["extra"] - disk[few]["extra"]) / (disk_wide["step_bytes"] - step1)
+    fixed = disk[few]["extra"] - k * step1
+    recipe_step = RECIPE_BATCH * step1
+
+    # Whatever grew with the steps on disk (bookkeeping, allocator slack) is projected too.
+    growth = max(0.0, (disk[many]["extra"] - disk[few]["extra"]) / (many - few))
+
+    def disk_at(step_bytes: float) -> float:
+        steps = RECIPE_SEQUENCES * step1 / step_bytes
+        return fixed + k * step_bytes + growth * steps
+
+    hidden, mlp = WIDE["hidden_size"], WIDE["intermediate_size"]
+    block_weights = LLADA_BLOCKS * (4 * hidden * hidden + 3 * hidden * mlp)  # the linears apply prunes
+    return {
+        "host_ram_extra_gib": {str(n): r["extra"] / GIB for n, r in ram.items()},
+        "host_disk_extra_gib": {str(n): r["extra"] / GIB for n, r in disk.items()},
+        "host_disk_extra_gib_batch4": disk_wide["extra"] / GIB,
+        "host_ram_bytes_per_step_over_step": per_step / step1,
+        "host_disk_growth_mib_per_step": growth / 2**20,
+        "host_disk_steps_held": k,
+        "projected_host_extra_gib": disk_at(recipe_step) / GIB,
+        "projected_host_extra_gib_batch1": disk_at(step1) / GIB,
+        "projected_host_extra_gib_ram": projected_ram / GIB,
+        "projected_host_recipe": f"{RECIPE_SEQUENCES} sequences x L={RECIPE_LENGTH}, steps of {RECIPE_BATCH}",
+        # what apply keeps by design until it returns, in memory in both modes (bool masks 1 B per weight,
+        # the bf16 rollback copy; SparseGPT also returns its bf16 weights)
+        "projected_host_retained_gib": block_weights * (1 + 2) / GIB,
+        "projected_host_retained_gib_sparsegpt": block_weights * (1 + 2 + 2) / GIB,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer windows and one repeat")
     parser.add_argument("--skip-8b", action="store_true", help="only the depth scaling (minutes saved)")
+    parser.add_argument("--only-host", action="store_true", help="only the host-memory projection")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--host-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.host_child:
+        mode, steps, batch = args.host_child
+        host_child(mode, int(steps), int(batch))
+        return 0
     if args.child:
         depth, wide, method, store = args.child
         child(int(depth), bool(int(wide)), method, store)
         return 0
     result = {"device": "cpu", "threads": torch.get_num_threads(), "depth_threads": 1}
+    result.update(host_memory(args.quick))
+    if args.only_host:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         windows = 8 if args.quick else 32
         result.update(windows=windows, length=128, noise_levels=2)

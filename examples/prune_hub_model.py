@@ -16,10 +16,19 @@ The full recipe for models of any size (LLaDA-8B, Dream-7B, ...) with only one b
 5. write the masks, the report, a summary and the pruned checkpoint (``save_pretrained``) to
    ``--output``; ``--eval-windows N`` also scores N held-out windows before and after.
 
+Under ``torchrun`` the same command runs data-parallel
+(:func:`attnprobe.distributed.group_from_env` starts the process group): the calibration store is
+recorded as one sharded store, each rank its share of the windows (``--record streamed`` with
+``--device``, else ``whole``; block-wise recording is not sharded and is refused there), and block-wise
+pruning gives each rank a share of the steps with every block's statistics all-reduced. Every rank
+ends with the same pruned model; rank 0 alone writes masks, report, summary and checkpoint. A CUDA
+``--device`` becomes each rank's ``cuda:LOCAL_RANK``.
+
 Example:
     python examples/prune_hub_model.py GSAI-ML/LLaDA-8B-Instruct --trust-remote-code \\
         --calibration wikitext2_train.txt --method sparsegpt --sink-aware --sparsity 0.5 \\
         --output runs/llada8b-sparsegpt50 --device cuda:0
+    torchrun --nproc-per-node 4 examples/prune_hub_model.py GSAI-ML/LLaDA-8B-Instruct ... --device cuda
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -37,6 +47,7 @@ import transformers
 
 import attnprobe
 import prune
+from attnprobe import distributed
 from prune.engine.blockwise import find_blocks
 from prune.engine.onload import streamed
 
@@ -69,6 +80,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="how the calibration store is recorded; default: blockwise with --device, else whole",
     )
+    parser.add_argument(
+        "--offload-device",
+        default="cpu",
+        help='where block-wise pruning caches block inputs: "cpu" or "disk" (memory-mapped files, '
+        "host memory a few steps' worth; see --cache-dir)",
+    )
+    parser.add_argument("--cache-dir", type=Path, default=None, help="directory for --offload-device disk")
     parser.add_argument("--eval-windows", type=int, default=0, help="held-out windows to score")
     parser.add_argument("--no-save-model", action="store_true", help="skip save_pretrained")
     return parser.parse_args(argv)
@@ -124,7 +142,7 @@ def record(args, model, calibration: torch.Tensor, mask_id: int, on_device):
     """The attention-only calibration store, recorded block-wise or with whole-model forwards."""
     path = args.output / "calibration"
     noising = dict(steps=args.steps, sample_interval=args.sample_interval, batch_size=args.batch_size)
-    if (args.record or ("blockwise" if args.device else "whole")) == "blockwise":
+    if args.record == "blockwise":
         return prune.record_blockwise(
             model, calibration, path, mask_token_id=mask_id, device=args.device, overwrite=True, **noising
         )
@@ -138,10 +156,31 @@ def record(args, model, calibration: torch.Tensor, mask_id: int, on_device):
     return store
 
 
+def record_mode(args, world: int) -> str:
+    """How the store is recorded: ``--record``, or block-wise with a device (streamed in a group)."""
+    if args.record is None:
+        return ("streamed" if world > 1 else "blockwise") if args.device else "whole"
+    if args.record == "blockwise" and world > 1:
+        raise SystemExit(
+            "--record blockwise writes one unsharded store and cannot be split across torchrun's ranks; "
+            "use --record streamed (with --device) or --record whole, which record a sharded store."
+        )
+    return args.record
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with distributed.group_from_env():
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    rank, world = distributed.rank(), distributed.world_size()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     log = logging.getLogger("prune_hub_model")
+    if world > 1 and args.device and torch.device(args.device).type == "cuda":
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"  # one GPU per rank
+    args.record = record_mode(args, world)
     args.output.mkdir(parents=True, exist_ok=True)
     tokenizer, model = load(args.model, DTYPES[args.dtype], args.trust_remote_code)
     mask_id = mask_token(args, model, tokenizer)
@@ -167,10 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         "sink_aware": args.sink_aware,
         "windows": int(calibration.shape[0]),
         "seq_len": args.seq_len,
+        "world_size": world,
         "nll_dense": score(),
     }
     start = time.perf_counter()
-    summary["record"] = args.record or ("blockwise" if args.device else "whole")
+    summary["record"] = args.record
     store = record(args, model, calibration, mask_id, on_device)
     summary["record_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -183,10 +223,15 @@ def main(argv: list[str] | None = None) -> int:
         pattern=args.pattern,
         sequential=True,
         device=args.device,
+        offload_device=args.offload_device,
+        cache_dir=args.cache_dir,
     )
     summary["prune_seconds"] = time.perf_counter() - start
     summary["achieved_sparsity"] = float(result.report["sparsity"].mean())
     summary["nll_pruned"] = score()
+    if rank != 0:  # every rank holds the same pruned model; one writes it
+        print(f"rank {rank} of {world}: pruned; outputs are written by rank 0", file=sys.stderr)
+        return 0
     prune.save_masks(result.masks, args.output / "masks.safetensors", settings=result.settings, model=model)
     result.report.to_csv(args.output / "report.csv", index=False)
     if not args.no_save_model:
@@ -194,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer.save_pretrained(args.output / "model")
     (args.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%s", json.dumps(summary))
+    print(f"rank {rank} of {world}: wrote {args.output}", file=sys.stderr)
     return 0
 
 

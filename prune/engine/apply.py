@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from prune.engine import coverage as coverage_mod
 from prune.engine import experts as experts_mod
 from prune.methods import masks as masks_mod
+from prune.engine.block_cache import check_offload, host_device
 from prune.engine.distributed import plan_linears, share_steps
 from prune.engine.onload import check_materialized
 from prune.methods.sparsegpt import sparsegpt_prune
@@ -172,6 +173,7 @@ def apply(
     allow_other_weights: bool = False,
     device: torch.device | str | None = None,
     offload_device: torch.device | str = "cpu",
+    cache_dir: str | None = None,
     strict: bool = False,
     progress: bool = True,
 ) -> PruneResult:
@@ -211,7 +213,13 @@ def apply(
         device: with ``sequential=True``, onload: the model may live on the CPU and each block (and,
             for embedding the inputs, the rest of the model) visits ``device`` in turn, so the device
             holds one block's weights, statistics and activations, never the whole model.
-        offload_device: where block inputs are cached between blocks (``sequential=True``).
+        offload_device: where block inputs are cached between blocks (``sequential=True``): a torch
+            device, or ``"disk"``: memory-mapped safetensors files in a temporary directory, read back
+            one step at a time with the next step prefetched, so host memory stays a few steps' worth
+            (:mod:`prune.engine.block_cache`; same masks as in memory). The rollback copy and SparseGPT's
+            weights stay in memory (on the CPU with ``"disk"``).
+        cache_dir: with ``offload_device="disk"``, where the temporary directory is made (default:
+            the system's temporary directory); it is deleted when ``apply`` returns or fails.
         strict: raise instead of warning when a weight-bearing block parameter has no adapter and so
             would stay dense (:mod:`prune.coverage`); routers and the user's exclusions never warn.
         progress: show progress bars.
@@ -260,6 +268,13 @@ def apply(
             f"device={device!r} onloads blocks one at a time, which only sequential pruning does; pass "
             "sequential=True, or move the model to the device yourself for one-shot pruning."
         )
+    if sequential:
+        check_offload(offload_device, cache_dir)
+    elif offload_device == "disk" or cache_dir is not None:
+        raise ValueError(
+            "offload_device='disk' and cache_dir= hold the block inputs of sequential pruning; one-shot "
+            "pruning caches none. Pass sequential=True, or drop them."
+        )
     if kind == "structured":
         if targets is not None or ignore is not None:
             raise ValueError(
@@ -281,7 +296,7 @@ def apply(
     left_out = coverage_mod.check_selection(model, linears, strict=strict)
     how = _Selection(method, float(sparsity), kind, n, m, blocksize, percdamp)
     if sequential:
-        onload = (device, offload_device)
+        onload = (device, offload_device, cache_dir)
         result = _apply_sequential(
             model, store, linears, meta, how, sink_aware, settings, accumulate, progress, onload
         )
@@ -348,7 +363,8 @@ def _apply_sequential(
     from prune.engine.block_experts import ExpertBlockStatistics
     from prune.engine.blockwise import prune_blockwise, steps_from_store
 
-    device, offload_device = onload
+    device, offload_device, cache_dir = onload
+    host = host_device(offload_device)  # where the rollback copy and SparseGPT's weights are kept
     statistic = {"wanda": "sumsq" if accumulate == "wanda" else "norms", "sparsegpt": "hessian"}
     statistic = statistic.get(how.method)
     steps = steps_from_store(store, settings if sink_aware else None) if statistic else []
@@ -384,9 +400,9 @@ def _apply_sequential(
         )
         rows.extend(block_rows)
         for name, (mask, new_weight) in block_plan.items():  # the whole block planned: now write it
-            backup[name] = linears[name].weight.detach().to(offload_device, copy=True)
+            backup[name] = linears[name].weight.detach().to(host, copy=True)
             _write(linears[name], mask, new_weight)
-            plan[name] = (mask.cpu(), None if new_weight is None else new_weight.to(offload_device))
+            plan[name] = (mask.cpu(), None if new_weight is None else new_weight.to(host))
 
     try:
         prune_blockwise(
@@ -397,6 +413,7 @@ def _apply_sequential(
             statistic=statistic,
             device=device,
             offload_device=offload_device,
+            cache_dir=cache_dir,
             finish_statistics=finish_statistics,
             statistics=ExpertBlockStatistics,
             progress=progress,

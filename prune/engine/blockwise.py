@@ -8,7 +8,8 @@ costs O(L):
 1. **Capture.** For every calibration step the model runs once with a pre-hook on the first block that
    stores that block's arguments and keyword arguments (hidden states, position embeddings, masks)
    and raises to stop the forward. The hidden states are cached on ``offload_device`` (CPU by
-   default) in the model's dtype; KV caches handed to the block are dropped.
+   default; ``"disk"``: memory-mapped files, :mod:`prune.engine.block_cache`) in the model's dtype; arguments
+   equal in every step are kept once; KV caches handed to the block are dropped.
 2. **Block by block.** Block b runs over the cached inputs of every step with pre-hooks on its linears
    accumulating their input statistics (:mod:`prune.block_stats`, float32, in place, on the block's
    device); :func:`_finish_block_statistics` completes them (the hook point for data parallelism);
@@ -17,6 +18,11 @@ costs O(L):
    statistics (Hessians) exist at any time.
 3. **Onloading.** With ``device=`` the model may live on the CPU: the parts outside the blocks
    (embeddings, rotary tables) visit the device for the capture, then each block visits it in turn.
+
+In a process group each rank runs its share of the steps; a rank that raises keeps its error until the
+next collective (before the block's statistics are all-reduced, and at the end), where every rank
+learns of it and raises (:func:`attnprobe.distributed.raise_if_any_failed`), so none waits for the
+group's timeout.
 
 The blocks must form one chain: consecutive entries of one ``nn.ModuleList``, each block's output
 (its first output for tuples) being the next block's hidden-state input. Models whose attention
@@ -28,13 +34,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from attnprobe import discover
+from attnprobe import discover, distributed
+from prune.engine.block_cache import BlockInputCache, open_cache
 from prune.engine.block_stats import BlockStatistics
 from prune.engine.onload import block_device, onloaded, to_device
 
@@ -206,13 +214,18 @@ def capture_inputs(
     steps: list[CalibrationStep],
     *,
     device: torch.device | str | None,
-    offload_device: torch.device | str,
-) -> list[_BlockInput]:
-    """The first block's inputs for every step, each from one forward stopped at that block."""
-    captured: list[_BlockInput] = []
+    offload_device: torch.device | str = "cpu",
+    cache: BlockInputCache | None = None,
+) -> BlockInputCache:
+    """The first block's inputs for every step, each from one forward stopped at that block.
+
+    They are added to ``cache`` (default: a new in-memory cache on ``offload_device``) and it is returned.
+    """
+    cache = cache if cache is not None else open_cache(offload_device)
+    host = cache.device  # "disk" caches go through the CPU
 
     def grab(module, args, kwargs):
-        captured.append(_split_inputs(first.name, args, kwargs, offload_device))
+        cache.add(_split_inputs(first.name, args, kwargs, host))
         raise _StopForward
 
     handle = first.module.register_forward_pre_hook(grab, with_kwargs=True)
@@ -226,7 +239,7 @@ def capture_inputs(
             raise RuntimeError(f"the forward of step {index} finished without calling block {first.name}")
     finally:
         handle.remove()
-    return captured
+    return cache
 
 
 def _finish_block_statistics(stats: BlockStatistics) -> BlockStatistics:
@@ -252,6 +265,7 @@ def prune_blockwise(
     statistic: str | None,
     device: torch.device | str | None = None,
     offload_device: torch.device | str = "cpu",
+    cache_dir: str | Path | None = None,
     finish_statistics: Callable[[BlockStatistics], BlockStatistics] | None = None,
     statistics: Callable[[Block, str], BlockStatistics] | None = None,
     progress: bool = True,
@@ -269,7 +283,10 @@ def prune_blockwise(
             (magnitude pruning: no forward at all).
         device: onload each block (and, for the capture, the rest of the model) to this device;
             None computes every block where it lives.
-        offload_device: where the cached block inputs live between blocks.
+        offload_device: where the cached block inputs live between blocks: a torch device, or
+            ``"disk"`` for memory-mapped files read back one step at a time (:mod:`prune.engine.block_cache`).
+        cache_dir: with ``offload_device="disk"``, where the temporary cache directory is made
+            (default: the system's temporary directory).
         finish_statistics: replaces :func:`_finish_block_statistics` (e.g. an all-reduce).
         statistics: builds a block's statistics from ``(block, statistic)`` (default
             :class:`BlockStatistics` of its linears; :class:`prune.block_experts.ExpertBlockStatistics`
@@ -298,19 +315,46 @@ def prune_blockwise(
                 with onloaded(block.module, device):
                     prune_block(block, None)
         return
-    with onloaded(model, device, exclude=[block.module for block in every_block]):
-        cache = capture_inputs(model, blocks[0], steps, device=device, offload_device=offload_device)
-    for index, block in enumerate(bar):
-        with onloaded(block.module, device):
-            run_device = torch.device(device) if device is not None else block_device(block.module)
-            if block.linears:
-                stats = make_statistics(block, statistic)
-                with stats.hooks():
-                    for step, entry in zip(steps, cache):
-                        stats.begin_step(step.row_weights(run_device))
-                        entry.run(block.module, run_device)
-                prune_block(block, finish(stats))
-                del stats  # one block's statistics at a time
-            if index + 1 < len(blocks):
-                for entry in cache:
-                    entry.hidden = entry.run(block.module, run_device).to(offload_device)
+    with open_cache(offload_device, cache_dir) as cache:
+        # In a process group, a rank that fails stops working and reports at the next collective (the
+        # block's statistics all-reduce), where every rank raises its error: none waits for a timeout.
+        failure: Exception | None = None
+        try:
+            with onloaded(model, device, exclude=[block.module for block in every_block]):
+                capture_inputs(model, blocks[0], steps, device=device, cache=cache)
+        except Exception as err:
+            failure = _hold(err)
+        for index, block in enumerate(bar):
+            stats = None
+            with onloaded(block.module, device):
+                run_device = torch.device(device) if device is not None else block_device(block.module)
+                if block.linears:
+                    if failure is None:
+                        try:
+                            stats = make_statistics(block, statistic)
+                            with stats.hooks():
+                                for step, entry in zip(steps, cache):
+                                    stats.begin_step(step.row_weights(run_device))
+                                    entry.run(block.module, run_device)
+                        except Exception as err:
+                            failure = _hold(err)
+                    distributed.raise_if_any_failed(failure, "block-wise pruning")
+                    try:
+                        prune_block(block, finish(stats))
+                    except Exception as err:
+                        failure = _hold(err)
+                    del stats  # one block's statistics at a time
+                if index + 1 < len(blocks) and failure is None:
+                    try:
+                        for number, entry in enumerate(cache):
+                            cache.replace_hidden(number, entry.run(block.module, run_device))
+                    except Exception as err:
+                        failure = _hold(err)
+        distributed.raise_if_any_failed(failure, "block-wise pruning")
+
+
+def _hold(error: Exception) -> Exception:
+    """``error``, kept until the next collective in a process group; raised at once on one process."""
+    if distributed.world_size() == 1:
+        raise error
+    return error

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from attnprobe import BlockMassRecording, TrajectoryStore, calibration_steps
+from prune.engine.block_cache import check_offload, open_cache
 from prune.engine.blockwise import CalibrationStep, capture_inputs, find_blocks
 from prune.engine.onload import block_device, onloaded
 
@@ -48,6 +49,7 @@ def record_blockwise(
     attention_mask: Tensor | None = None,
     device: torch.device | str | None = None,
     offload_device: torch.device | str = "cpu",
+    cache_dir: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
     **options,
@@ -65,7 +67,10 @@ def record_blockwise(
         path: store directory (None: a temporary one owned by the returned store).
         device: onload each block (and, for the capture, the embeddings) to this device; None runs
             every block where it lives.
-        offload_device: where the cached block outputs live between blocks (model dtype).
+        offload_device: where the cached block outputs live between blocks (model dtype): a torch
+            device, or ``"disk"`` for memory-mapped files read back one step at a time
+            (:mod:`prune.engine.block_cache`), so host memory does not grow with the number of steps.
+        cache_dir: with ``offload_device="disk"``, where the temporary cache directory is made.
         overwrite: replace an existing store at ``path``.
         progress: show a progress bar over the blocks.
         **options: passed to :class:`attnprobe.BlockMassRecording` (``sink_std``, ``sink_alpha``,
@@ -101,9 +106,13 @@ def record_blockwise(
     full = [m if m is not None else torch.ones(i.shape, dtype=torch.bool) for m, i in zip(masks, ids)]
     cal_steps = [CalibrationStep(i, v.cpu()) for i, v in zip(ids, full)]
     blocks = find_blocks(model, [])
-    with BlockMassRecording(model, path, mask_token_id=mask_token_id, overwrite=overwrite, **options) as rec:
+    check_offload(offload_device, cache_dir)
+    with (
+        BlockMassRecording(model, path, mask_token_id=mask_token_id, overwrite=overwrite, **options) as rec,
+        open_cache(offload_device, cache_dir) as cache,
+    ):
         with onloaded(model, device, exclude=[block.module for block in blocks], write_back=False):
-            cache = capture_inputs(model, blocks[0], cal_steps, device=device, offload_device=offload_device)
+            capture_inputs(model, blocks[0], cal_steps, device=device, cache=cache)
         for index, block in enumerate(tqdm(blocks, desc="record block-wise", disable=not progress)):
             with onloaded(block.module, device, write_back=False):
                 run_device = torch.device(device) if device is not None else block_device(block.module)
@@ -111,7 +120,7 @@ def record_blockwise(
                     with rec.observe(number, masks[number]):
                         output = entry.run(block.module, run_device)
                     if index + 1 < len(blocks):
-                        entry.hidden = output.to(offload_device)
+                        cache.replace_hidden(number, output)
                     del output
             rec.flush()
         return rec.write_steps([(i, v, meta) for i, v, (_, meta) in zip(ids, full, planned)])

@@ -20,7 +20,8 @@ Scoring. A model is a *diffusion* model when its config says ``is_causal=False``
   takes its draws from a fresh generator seeded with ``seed`` (common random numbers), so the choices
   of a multiple-choice question of equal length are compared under the same masks, and results do not
   depend on batching or order. Draws of all requests of one length are batched, ``batch_size`` rows a
-  forward.
+  forward, and made as the batches consume them: memory holds one batch and one request's draws
+  (O(batch · length + mc_num · length)), not every request's.
 - ``loglikelihood_rolling`` (diffusion): the masked-diffusion NLL bound of the text, the same estimator
   with only BOS (and, past the context window, the preceding tokens) as context.
 - ``generate_until`` (diffusion): :func:`attnprobe.generate` (LLaDA-style low-confidence remasking),
@@ -31,10 +32,11 @@ Scoring. A model is a *diffusion* model when its config says ``is_causal=False``
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -272,35 +274,25 @@ class AttnprobeLM(LM):
     def _diffusion_group(
         self, pairs: list[tuple[list[int], list[int]]], bar: tqdm
     ) -> list[tuple[float, bool]]:
-        """LLaDA estimator for requests of one total length; their draws share forward batches."""
-        rows: list[tuple[int, Tensor, Tensor, float]] = []
-        targets, scored = [], []
-        for owner, (context, continuation) in enumerate(pairs):
-            ids = torch.tensor(context + continuation, dtype=torch.long)
-            start = max(len(context), 1) if self.shift_logits else len(context)
-            scored.append(len(ids) - start)  # L: the maskable continuation tokens
-            gen = torch.Generator().manual_seed(self.seed)
-            noisy, masked, weight = _diffusion_draws(
-                ids,
-                estimator="llada",
-                mask_token_id=int(self.mask_token_id),
-                start=start,
-                num_samples=self.mc_num,
-                gen=gen,
-            )  # (D, N), (D, N), (D,) with weight 1 / k
-            rows += [(owner, noisy[d], masked[d], float(weight[d])) for d in range(self.mc_num)]
-            targets.append(ids)
+        """LLaDA estimator for requests of one total length; their draws share forward batches.
+
+        Draws are made request by request as the batches consume them, so memory holds one batch and
+        one request's draws, whatever the number of requests (the batches are the same as if every
+        draw were made first).
+        """
+        scored = [len(c) + len(t) - self._start(c) for c, t in pairs]  # L: the maskable tokens
         totals = torch.zeros(len(pairs), dtype=torch.float64)
-        for first in range(0, len(rows), self.batch_size):
-            chunk = rows[first : first + self.batch_size]
+        rows = self._draw_rows(pairs)
+        while chunk := list(itertools.islice(rows, self.batch_size)):
             owners = torch.tensor([row[0] for row in chunk])
             noisy = torch.stack([row[1] for row in chunk]).to(self._device)
             masked = torch.stack([row[2] for row in chunk]).to(self._device)
-            target = torch.stack([targets[o] for o in owners.tolist()]).to(self._device)
+            target = torch.tensor([sum(pairs[o], []) for o in owners.tolist()], device=self._device)
             ce = _masked_ce(self.model, noisy, target, masked, self.shift_logits).cpu()  # (B,) Σ CE
             weight = torch.tensor([row[3] for row in chunk], dtype=torch.float64)
             totals.index_add_(0, owners, ce * weight)
             bar.update(len(chunk))
+            del chunk, noisy, masked, target
         out = []
         for owner, (context, continuation) in enumerate(pairs):
             # Σ_d (1/k_d) Σ CE / D is the bound per token; times L it is the continuation's NLL bound.
@@ -308,6 +300,32 @@ class AttnprobeLM(LM):
             greedy = self._greedy(context, continuation) if self.greedy_check else False
             out.append((-nll, greedy))
         return out
+
+    def _start(self, context: list[int]) -> int:
+        """First maskable position: after the context (Dream: never position 0, which has no logit)."""
+        return max(len(context), 1) if self.shift_logits else len(context)
+
+    def _draw_rows(
+        self, pairs: list[tuple[list[int], list[int]]]
+    ) -> Iterator[tuple[int, Tensor, Tensor, float]]:
+        """``(request, noisy ids (N,), masked (N,), weight 1/k)`` per draw, request after request.
+
+        Every request's ``mc_num`` draws come from a fresh generator seeded with ``seed``; they are made
+        when the first of them is needed.
+        """
+        for owner, (context, continuation) in enumerate(pairs):
+            ids = torch.tensor(context + continuation, dtype=torch.long)
+            gen = torch.Generator().manual_seed(self.seed)
+            noisy, masked, weight = _diffusion_draws(
+                ids,
+                estimator="llada",
+                mask_token_id=int(self.mask_token_id),
+                start=self._start(context),
+                num_samples=self.mc_num,
+                gen=gen,
+            )  # (D, N), (D, N), (D,) with weight 1 / k
+            for d in range(self.mc_num):
+                yield owner, noisy[d], masked[d], float(weight[d])
 
     def _greedy(self, context: list[int], continuation: list[int]) -> bool:
         """Whether the sampler, one token per step, decodes exactly ``continuation`` after ``context``."""

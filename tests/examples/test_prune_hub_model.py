@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
 from safetensors import safe_open
@@ -158,3 +161,51 @@ def test_streamed_recording_gives_the_blockwise_store(tmp_path, monkeypatch):
     for step in range(streamed.num_steps):
         assert torch.equal(blockwise.input_ids(step), streamed.input_ids(step))
         torch.testing.assert_close(blockwise.attention_mass(step), streamed.attention_mass(step))
+
+
+def test_torchrun_prunes_data_parallel_and_rank_0_alone_writes(tmp_path):
+    """Two gloo ranks under torchrun (--standalone: torch picks the port) against one process."""
+    checkpoint = tmp_path / "tiny-llada"
+    _save_checkpoint(checkpoint)
+    text = tmp_path / "calibration.txt"
+    text.write_text("In the beginning was the word, and the word was with the model. " * 12)
+    argv = [str(checkpoint), "--trust-remote-code", "--calibration", str(text), "--sink-aware"]
+    argv += ["--seq-len", "64", "--windows", "4", "--steps", "4", "--sample-interval", "2"]
+    argv += ["--batch-size", "1", "--device", "cpu", "--no-save-model"]
+    root = EXAMPLES.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    ran = subprocess.run(
+        [*launcher, str(EXAMPLES / "prune_hub_model.py"), *argv, "--output", str(tmp_path / "ddp")],
+        env=env, cwd=root, capture_output=True, text=True, timeout=600,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "rank 1 of 2: pruned; outputs are written by rank 0" in ran.stderr
+    assert f"rank 0 of 2: wrote {tmp_path / 'ddp'}" in ran.stderr
+    assert "rank 1 of 2: wrote" not in ran.stderr
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["record"] == "streamed"  # sharded recording
+    store = attnprobe.open(tmp_path / "ddp" / "calibration")
+    assert store.world_size == 2 and store.num_steps == 4 * 2  # every window once, 2 noise levels
+
+    assert prune_hub_model.main([*argv, "--output", str(tmp_path / "one"), "--record", "streamed"]) == 0
+    single = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert single["world_size"] == 1 and abs(summary["achieved_sparsity"] - 0.5) < 1e-6
+    with safe_open(str(tmp_path / "ddp" / "masks.safetensors"), "pt") as a:
+        with safe_open(str(tmp_path / "one" / "masks.safetensors"), "pt") as b:
+            assert set(a.keys()) == set(b.keys())
+            same = sum(int((a.get_tensor(k) == b.get_tensor(k)).sum()) for k in a.keys())
+            total = sum(a.get_tensor(k).numel() for k in a.keys())
+    # The ranks' statistics are summed in another order than one process's: near-ties may flip.
+    assert same / total >= 0.999
+
+
+def test_blockwise_recording_is_refused_under_torchrun():
+    args = prune_hub_model.parse_args(["m", "--calibration", "c", "--output", "o", "--record", "blockwise"])
+    with pytest.raises(SystemExit, match="--record streamed"):
+        prune_hub_model.record_mode(args, world=2)
+    args.record = None
+    assert prune_hub_model.record_mode(args, world=1) == "whole"  # no --device
+    args.device = "cuda:0"
+    assert prune_hub_model.record_mode(args, world=1) == "blockwise"
+    assert prune_hub_model.record_mode(args, world=2) == "streamed"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -211,3 +212,33 @@ def test_command_line_runs_offline(in_root, capsys):
     )  # fmt: skip
     out = capsys.readouterr().out
     assert "attnprobe_continuation" in out and "acc" in out
+
+
+@pytest.mark.parametrize("requests", [3, 12])
+def test_draws_are_made_as_batches_need_them(dlm, windows, monkeypatch, requests):
+    """Memory does not grow with the number of requests: at every forward, the draws made and not yet
+    consumed by earlier forwards belong to at most 2 requests (the batch may straddle two), for 3 as
+    for 12 requests. Building every draw first would hold all of them at the first forward."""
+    import prune.evaluation.harness as harness
+
+    lm = AttnprobeLM(pretrained=dlm.model, tokenizer=dlm.tokenizer, mc_num=4, batch_size=3, device="cpu")
+    made, held = [], []
+    real_draws, real_ce = harness._diffusion_draws, harness._masked_ce
+
+    def draws(*args, **kwargs):
+        made.append(1)
+        return real_draws(*args, **kwargs)
+
+    def forward(model, noisy, *args):
+        consumed = 3 * len(held)  # rows scored by the earlier forwards (full batches of 3)
+        held.append(len(made) - consumed // lm.mc_num)  # requests whose draws are still held
+        return real_ce(model, noisy, *args)
+
+    monkeypatch.setattr(harness, "_diffusion_draws", draws)
+    monkeypatch.setattr(harness, "_masked_ce", forward)
+    text = _text(windows[0][1:])
+    # one total length, so that every request's draws share the batches
+    out = lm.loglikelihood([_req(text[:40], text[40 + i : 60 + i]) for i in range(requests)])
+    assert len(made) == requests and len(held) == -(-requests * 4 // 3)
+    assert max(held) <= 2, held
+    assert all(math.isfinite(value) and value < 0 for value, _ in out)
