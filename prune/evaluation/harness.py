@@ -54,7 +54,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     ) from err
 
 import attnprobe
-from prune.evaluation.evaluate import _diffusion_draws, _forward_logits, _masked_ce
+from prune.evaluation.draws import diffusion_draws, forward_logits, masked_ce
+from prune.evaluation.generation import Generation
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def _batch_size(value: Any) -> int:
 
 
 @register_model("attnprobe")
-class AttnprobeLM(LM):
+class AttnprobeLM(Generation, LM):
     """lm-eval model: masked-diffusion LMs scored with LLaDA's estimator, causal LMs exactly.
 
     Args (all also accepted as ``model_args`` strings):
@@ -288,7 +289,7 @@ class AttnprobeLM(LM):
             noisy = torch.stack([row[1] for row in chunk]).to(self._device)
             masked = torch.stack([row[2] for row in chunk]).to(self._device)
             target = torch.tensor([sum(pairs[o], []) for o in owners.tolist()], device=self._device)
-            ce = _masked_ce(self.model, noisy, target, masked, self.shift_logits).cpu()  # (B,) Σ CE
+            ce = masked_ce(self.model, noisy, target, masked, self.shift_logits).cpu()  # (B,) Σ CE
             weight = torch.tensor([row[3] for row in chunk], dtype=torch.float64)
             totals.index_add_(0, owners, ce * weight)
             bar.update(len(chunk))
@@ -316,7 +317,7 @@ class AttnprobeLM(LM):
         for owner, (context, continuation) in enumerate(pairs):
             ids = torch.tensor(context + continuation, dtype=torch.long)
             gen = torch.Generator().manual_seed(self.seed)
-            noisy, masked, weight = _diffusion_draws(
+            noisy, masked, weight = diffusion_draws(
                 ids,
                 estimator="llada",
                 mask_token_id=int(self.mask_token_id),
@@ -342,7 +343,7 @@ class AttnprobeLM(LM):
         for first in range(0, len(pairs), self.batch_size):
             chunk = pairs[first : first + self.batch_size]
             ids = torch.tensor([c + t for c, t in chunk], dtype=torch.long, device=self._device)
-            logits = _forward_logits(self.model, ids).float()  # (B, N, V)
+            logits = forward_logits(self.model, ids).float()  # (B, N, V)
             for row, (context, continuation) in enumerate(chunk):
                 start = len(context)
                 if start == 0:
@@ -384,72 +385,6 @@ class AttnprobeLM(LM):
         for request, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
         return totals
-
-    def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[str]:
-        """Generate after each context (diffusion sampler or greedy AR) and cut at the stop sequences."""
-        out = []
-        for request in tqdm(requests, desc="generate_until", disable=disable_tqdm or len(requests) < 8):
-            context, gen_kwargs = request.args
-            text = self._generate(context, dict(gen_kwargs or {}))
-            self.cache_hook.add_partial("generate_until", request.args, text)
-            out.append(text)
-        return out
-
-    @torch.no_grad()
-    def _generate(self, context: str, gen_kwargs: dict[str, Any]) -> str:
-        until = gen_kwargs.pop("until", None) or []
-        until = [until] if isinstance(until, str) else list(until)
-        length = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
-        temperature = float(gen_kwargs.pop("temperature", 0.0)) if gen_kwargs.pop("do_sample", False) else 0.0
-        ids = self._prefix() + self._encode(context)
-        length = min(length, self.max_length - len(self._prefix()) - 1)
-        keep = len(self._prefix())
-        excess = len(ids) + length - self.max_length
-        if excess > 0:
-            ids = ids[:keep] + ids[keep + excess :]
-        prompt = torch.tensor([ids], dtype=torch.long, device=self._device)
-        if self.diffusion:
-            new = self._diffusion_generate(prompt, length, temperature)
-        else:
-            new = self._ar_generate(prompt, length, until)
-        if self.eos_token_id is not None and self.eos_token_id in new:
-            new = new[: new.index(self.eos_token_id)]
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
-        for stop in until:
-            if stop and stop in text:
-                text = text[: text.index(stop)]
-        return text
-
-    def _diffusion_generate(self, prompt: Tensor, length: int, temperature: float) -> list[int]:
-        block = min(self.block_length or length, length)
-        length = length // block * block  # whole blocks
-        blocks = length // block
-        steps = max(self.gen_steps or length, blocks) // blocks * blocks
-        gen = torch.Generator(device=prompt.device).manual_seed(self.seed)
-        ids = attnprobe.generate(
-            self.model,
-            prompt,
-            mask_token_id=int(self.mask_token_id),
-            steps=steps,
-            gen_length=length,
-            block_length=block,
-            temperature=temperature,
-            generator=gen,
-        )
-        return ids[0, prompt.shape[1] :].tolist()
-
-    def _ar_generate(self, prompt: Tensor, length: int, until: list[str]) -> list[int]:
-        ids, new = prompt, []
-        for _ in range(length):
-            token = int(_forward_logits(self.model, ids)[0, -1].argmax())
-            new.append(token)
-            if token == self.eos_token_id:
-                break
-            ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
-            if any(stop and stop in text for stop in until):
-                break
-        return new
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -223,7 +223,7 @@ def test_draws_are_made_as_batches_need_them(dlm, windows, monkeypatch, requests
 
     lm = AttnprobeLM(pretrained=dlm.model, tokenizer=dlm.tokenizer, mc_num=4, batch_size=3, device="cpu")
     made, held = [], []
-    real_draws, real_ce = harness._diffusion_draws, harness._masked_ce
+    real_draws, real_ce = harness.diffusion_draws, harness.masked_ce
 
     def draws(*args, **kwargs):
         made.append(1)
@@ -234,8 +234,8 @@ def test_draws_are_made_as_batches_need_them(dlm, windows, monkeypatch, requests
         held.append(len(made) - consumed // lm.mc_num)  # requests whose draws are still held
         return real_ce(model, noisy, *args)
 
-    monkeypatch.setattr(harness, "_diffusion_draws", draws)
-    monkeypatch.setattr(harness, "_masked_ce", forward)
+    monkeypatch.setattr(harness, "diffusion_draws", draws)
+    monkeypatch.setattr(harness, "masked_ce", forward)
     text = _text(windows[0][1:])
     # one total length, so that every request's draws share the batches
     out = lm.loglikelihood([_req(text[:40], text[40 + i : 60 + i]) for i in range(requests)])
