@@ -37,3 +37,6 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert len(task) == 4 and (tmp_path / "task.csv").is_file()
     assert task["acc"].between(0, 1).all() and (task["acc_stderr"] > 0).all()
     assert (task["items"] == 12).all()
+    cli = tmp_path / "cli"  # attnprobe prune and attnprobe report ran on the shipped DLM
+    assert (cli / "report.png").read_bytes()[:4] == b"\x89PNG" and (cli / "model" / "config.json").is_file()
+    assert prune.Recipe.load(cli / "recipe.yaml").sink_aware
