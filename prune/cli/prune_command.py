@@ -294,6 +294,10 @@ def run(args: argparse.Namespace) -> int:
                 (out / PROVENANCE).unlink(missing_ok=True)
                 store = _record(args, recipe, model, windows, mask_id, kind, world)
                 process_group.barrier()
+                if world > 1:  # every rank's shard written: read them as one store
+                    import attnprobe
+
+                    store = attnprobe.open(out / STORE_DIR)
                 if rank == 0:
                     (out / PROVENANCE).write_text(json.dumps(wanted, indent=2) + "\n")
         phases("pruning", f"{recipe.method} at sparsity {recipe.sparsity}, {recipe.pattern}")
