@@ -210,7 +210,8 @@ def test_help_lists_every_option():
 def test_torchrun_prunes_data_parallel_and_rank_0_writes(pruned, text, tmp_path):
     out, _ = pruned
     ddp = tmp_path / "ddp"
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT)]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    argv += [str(SCRIPT)]
     argv += ["prune", str(TINY), "--calibration", str(text), "--output", str(ddp), "--quiet", *SMALL]
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
