@@ -13,10 +13,11 @@ On the shipped pair (``examples/models/tiny-dlm`` and ``tiny-ar``) it:
    twin on the local lm-eval task ``attnprobe_continuation`` (4-way continuation of held-out windows,
    chance 0.25) through the ``attnprobe`` lm-eval model.
 
-It is sized to finish in a few minutes on 2 CPU cores: 16 calibration windows, 128 held-out windows
-with 4 draws each, and the task on its first 40 items with 4 Monte-Carlo draws per choice (standard
-errors say how much that leaves). ``examples/write_results.py`` measures the full tables (3 seeds,
-every item) for docs/RESULTS.md. Stores, masks, figures and tables land in ``--out``. Usage::
+It is sized to finish in a few minutes on 2 CPU cores: 8 calibration windows at 5 noise levels, a
+32-step generation, 96 held-out windows with 2 draws each, and the task on its first 40 items with 2
+Monte-Carlo draws per choice (standard errors say how much that leaves).
+``examples/write_results.py`` measures the full tables (3 seeds, every item) for docs/RESULTS.md.
+Stores, masks, figures and tables land in ``--out``. Usage::
 
     python examples/demo.py --out out/demo [--quick]
 """
@@ -53,11 +54,11 @@ def run(out: Path, *, quick: bool = False) -> dict:
     for directory in (stores_dir, masks_dir, figures):
         directory.mkdir(parents=True, exist_ok=True)
     pair = pipeline.load_pair()
-    calib_rows, eval_rows, eval_samples = (4, 64, 2) if quick else (16, 128, 4)
+    calib_rows, eval_rows, eval_samples = (4, 64, 2) if quick else (8, 96, 2)
     calibration, heldout = pipeline.split_heldout(calib_rows)
     heldout = heldout[:eval_rows]
     prompt = calibration[:1, :32]
-    gen_steps, gen_length = (16, 32) if quick else (64, 64)
+    gen_steps, gen_length = (16, 32) if quick else (32, 48)
 
     phases = tqdm(total=7, desc="demo", unit="phase")
     for kind in ("dlm", "ar"):
@@ -73,7 +74,7 @@ def run(out: Path, *, quick: bool = False) -> dict:
             stores_dir / f"{kind}-calibration",
             calibration,
             steps=10 if quick else 50,
-            sample_interval=5,
+            sample_interval=5 if quick else 10,
         )
     phases.update()
 
@@ -161,7 +162,11 @@ def attnprobe_command() -> list[str]:
 def command_line(out: Path, *, quick: bool) -> None:
     """``attnprobe prune`` and ``attnprobe report`` on the shipped DLM, printed as they run."""
     calibration = pipeline.HERE / "data" / "calibration.safetensors"
-    windows = ["--windows", "4", "--steps", "4", "--sample-interval", "2"] if quick else ["--windows", "16"]
+    windows = (
+        ["--windows", "4", "--steps", "4", "--sample-interval", "2"]
+        if quick
+        else ["--windows", "8", "--sample-interval", "10"]
+    )
     commands = [
         [
             "prune",
@@ -189,7 +194,7 @@ def task_table(masks_dir: Path, *, quick: bool):
     """Task accuracy ± standard error of the dense and pruned DLM (from the saved masks) and the AR twin."""
     import pandas as pd
 
-    limit, mc_num = (12, 2) if quick else (40, 4)
+    limit, mc_num = (12, 2) if quick else (40, 2)
     runs = [
         ("diffusion LM, dense", "tiny-dlm", None),
         ("diffusion LM, wanda 50%", "tiny-dlm", masks_dir / "wanda-unstructured-0.50.safetensors"),
