@@ -122,11 +122,20 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``attnprobe`` command."""
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Inspect attention trajectory stores recorded with attnprobe.record()."
-    )
+def build_parser(
+    extra_commands: Callable[[Any], None] | None = None,
+) -> argparse.ArgumentParser:
+    """The argument parser of the ``attnprobe`` command.
+
+    Args:
+        extra_commands: called with the subparsers action to add more commands. The installed
+            ``attnprobe`` command is ``prune.cli.main``, which adds ``prune``, ``eval`` and ``report``
+            this way, so that ``attnprobe`` never imports ``prune``.
+    """
+    description = "Inspect attention trajectory stores recorded with attnprobe.record()."
+    if extra_commands is not None:
+        description += " Prune models, score them with lm-eval and draw pruning reports."
+    parser = argparse.ArgumentParser(prog=PROG, description=description)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     plot = commands.add_parser(
@@ -175,14 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="sink threshold for the sink sets (default: the store's recorded sink_std, else 2.0)",
     )
     summary.set_defaults(handler=_summary)
+    if extra_commands is not None:
+        extra_commands(commands)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extra_commands: Callable[[Any], None] | None = None) -> int:
     """Run the ``attnprobe`` command line.
 
     Args:
         argv: arguments without the program name; default ``sys.argv[1:]``.
+        extra_commands: more subcommands (see :func:`build_parser`).
 
     Returns:
         The exit code: 0 on success, 2 on a missing or unreadable store or another known failure
@@ -195,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         >>> code, printed.getvalue().splitlines()[0].split(",")[:2]
         (0, ['layer', 'name'])
     """
-    args = build_parser().parse_args(argv)
+    args = build_parser(extra_commands).parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

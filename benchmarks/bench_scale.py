@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from prune.engine.memory_plan import project_peaks
+
 NARROW = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=8, intermediate_size=688)
 WIDE = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, intermediate_size=12288)
 VOCAB = 512
@@ -156,9 +158,11 @@ def eight_b(tmp: Path) -> dict:
     # extrapolate linearly from the two lengths (a CPU upper bound: CPU SDPA may build L x L scores).
     slope = max(0.0, (measured[1024]["extra"] - measured[256]["extra"]) / (1024 - 256))
     block_extra_4096 = measured[1024]["extra"] + slope * (4096 - 1024)
-    block_phase = block_bytes + block_extra_4096
     # The capture puts everything outside the blocks on the device: embedding + head (+ one output).
-    capture_phase = 2 * LLADA_VOCAB * hidden * 2 + 4096 * hidden * 2
+    # The projection is the library's (prune.engine.memory_plan, what `attnprobe prune --dry-run` prints),
+    # here fed the measured extra instead of its estimate from the shapes.
+    peaks = project_peaks(block_bytes, block_extra_4096, 2 * LLADA_VOCAB * hidden * 2, 4096 * hidden * 2)
+    block_phase, capture_phase = peaks["block_phase"], peaks["capture_phase"]
     return {
         "block_seconds_8b": measured[1024]["seconds"] / 2,
         "block_extra_gib_8b": measured[1024]["extra"] / GIB,
@@ -167,7 +171,7 @@ def eight_b(tmp: Path) -> dict:
         "block_weights_gib_8b": block_bytes / GIB,
         "projected_block_phase_gib": block_phase / GIB,
         "projected_capture_phase_gib": capture_phase / GIB,
-        "projected_device_peak_gib": max(block_phase, capture_phase) / GIB,
+        "projected_device_peak_gib": peaks["device_peak"] / GIB,
         "projected_blocks": LLADA_BLOCKS,
         "projected_length": 4096,
     }

@@ -5,12 +5,18 @@ On the shipped pair (``examples/models/tiny-dlm`` and ``tiny-ar``) it:
 1. records a generation trajectory of each (LLaDA-style sampler for the DLM, greedy for the AR),
 2. records a calibration trajectory of each (forward noising for the DLM, clean text for the AR),
 3. draws the sink plots, DLM and AR side by side, and prints the sink metrics,
-4. prunes the DLM at 50% with magnitude, Wanda, sink-aware Wanda, SparseGPT and sink-aware
-   SparseGPT, evaluates held-out NLL of each, and prints the table,
-5. scores the dense, Wanda-pruned and sink-aware-Wanda-pruned DLM (from their saved masks) and the AR
+4. prunes the DLM at 50% with magnitude, Wanda and sink-aware Wanda, evaluates held-out NLL of each,
+   and prints the table (SparseGPT, plain and sink-aware, is in docs/RESULTS.md),
+5. runs the same as a user would from the shell, ``attnprobe prune`` (record, prune, save the
+   checkpoint, masks, recipe and report) then ``attnprobe report``, on the shipped DLM,
+6. scores the dense, Wanda-pruned and sink-aware-Wanda-pruned DLM (from their saved masks) and the AR
    twin on the local lm-eval task ``attnprobe_continuation`` (4-way continuation of held-out windows,
    chance 0.25) through the ``attnprobe`` lm-eval model.
 
+It is sized to finish in a few minutes on 2 CPU cores: 8 calibration windows at 5 noise levels, a
+32-step generation, 96 held-out windows with 2 draws each, and the task on its first 40 items with 2
+Monte-Carlo draws per choice (standard errors say how much that leaves).
+``examples/write_results.py`` measures the full tables (3 seeds, every item) for docs/RESULTS.md.
 Stores, masks, figures and tables land in ``--out``. Usage::
 
     python examples/demo.py --out out/demo [--quick]
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +43,10 @@ import attnprobe  # noqa: E402
 import prune  # noqa: E402
 from attnprobe.analysis import trajectory  # noqa: E402
 
+# magnitude, wanda, sink-aware wanda; SparseGPT (its Hessians cost most of a demo's minutes) is measured
+# by examples/write_results.py
+VARIANTS = pipeline.UNSTRUCTURED_VARIANTS[:3]
+
 
 def run(out: Path, *, quick: bool = False) -> dict:
     """Run the whole demo into ``out``; return the tables it printed."""
@@ -47,13 +58,13 @@ def run(out: Path, *, quick: bool = False) -> dict:
     for directory in (stores_dir, masks_dir, figures):
         directory.mkdir(parents=True, exist_ok=True)
     pair = pipeline.load_pair()
-    calib_rows, eval_rows, eval_samples = (4, 64, 2) if quick else (32, 480, 8)
+    calib_rows, eval_rows, eval_samples = (4, 64, 2) if quick else (8, 96, 2)
     calibration, heldout = pipeline.split_heldout(calib_rows)
     heldout = heldout[:eval_rows]
     prompt = calibration[:1, :32]
-    gen_steps, gen_length = (16, 32) if quick else (64, 64)
+    gen_steps, gen_length = (16, 32) if quick else (32, 48)
 
-    phases = tqdm(total=6, desc="demo", unit="phase")
+    phases = tqdm(total=7, desc="demo", unit="phase")
     for kind in ("dlm", "ar"):
         pipeline.record_generation(
             pair, kind, stores_dir / f"{kind}-generation", prompt, steps=gen_steps, gen_length=gen_length
@@ -67,7 +78,8 @@ def run(out: Path, *, quick: bool = False) -> dict:
             stores_dir / f"{kind}-calibration",
             calibration,
             steps=10 if quick else 50,
-            sample_interval=5,
+            sample_interval=5 if quick else 10,
+            hessians=False,  # no SparseGPT here
         )
     phases.update()
 
@@ -118,11 +130,13 @@ def run(out: Path, *, quick: bool = False) -> dict:
         heldout,
         sparsity=0.5,
         pattern="unstructured",
-        variants=pipeline.UNSTRUCTURED_VARIANTS,
+        variants=VARIANTS,
         mask_token_id=pair.mask_token_id,
         eval_samples=eval_samples,
         masks_dir=masks_dir,
     )
+    phases.update()
+    command_line(out / "cli", quick=quick)
     phases.update()
     task = task_table(masks_dir, quick=quick)
     phases.update()
@@ -144,11 +158,48 @@ def run(out: Path, *, quick: bool = False) -> dict:
     return {"metrics": metrics, "pruning": table, "task": task}
 
 
+def attnprobe_command() -> list[str]:
+    """The installed console script (``python -m prune.cli`` where the install put it elsewhere)."""
+    script = Path(sys.executable).parent / "attnprobe"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "prune.cli"]
+
+
+def command_line(out: Path, *, quick: bool) -> None:
+    """``attnprobe prune`` and ``attnprobe report`` on the shipped DLM, printed as they run."""
+    calibration = pipeline.HERE / "data" / "calibration.safetensors"
+    windows = (
+        ["--windows", "4", "--steps", "4", "--sample-interval", "2"]
+        if quick
+        else ["--windows", "8", "--sample-interval", "10"]
+    )
+    commands = [
+        [
+            "prune",
+            pipeline.MODELS / "tiny-dlm",
+            "--calibration",
+            calibration,
+            "--method",
+            "wanda",
+            "--sink-aware",
+            "--sparsity",
+            "0.5",
+            "--output",
+            out,
+            *windows,
+            "--quiet",
+        ],
+        ["report", out],
+    ]
+    for command in commands:
+        print("\n$ attnprobe " + " ".join(str(part) for part in command), flush=True)
+        subprocess.run([*attnprobe_command(), *map(str, command)], check=True)
+
+
 def task_table(masks_dir: Path, *, quick: bool):
     """Task accuracy ± standard error of the dense and pruned DLM (from the saved masks) and the AR twin."""
     import pandas as pd
 
-    limit, mc_num = (12, 2) if quick else (None, 8)
+    limit, mc_num = (12, 2) if quick else (40, 2)
     runs = [
         ("diffusion LM, dense", "tiny-dlm", None),
         ("diffusion LM, wanda 50%", "tiny-dlm", masks_dir / "wanda-unstructured-0.50.safetensors"),

@@ -5,6 +5,8 @@ Example:
     >>> with attnprobe.record(model, "runs/demo") as store:
     ...     n = attnprobe.calibrate(model, ids, mask_token_id=259, steps=4, sample_interval=2, progress=False)
     >>> result = prune.apply(model, store, 0.5, method="wanda", sink_aware=True, progress=False)
+    >>> result.recipe == prune.Recipe(method="wanda", sparsity=0.5, sink_aware=True)  # the run as data
+    True
     >>> round(float((model.model.layers[0].mlp.up_proj.weight == 0).float().mean()), 3)
     0.5
     >>> prune.save_masks(result.masks, "masks.safetensors", model=model)
@@ -26,6 +28,8 @@ from prune.engine.record_blockwise import record_blockwise
 from prune.evaluation.evaluate import EvalResult, evaluate
 from prune.export.checkpoint import save_pretrained
 from prune.export.mask_files import load_masks, save_masks
+from prune.export.report_plot import plot_report
+from prune.recipe import Recipe
 
 # Old flat module paths (before the subpackages), kept for one release with a DeprecationWarning.
 alias_moved_modules(
@@ -58,9 +62,11 @@ __all__ = [
     "METHODS",
     "EvalResult",
     "PruneResult",
+    "Recipe",
     "apply",
     "evaluate",
     "load_masks",
+    "plot_report",
     "record_blockwise",
     "save_masks",
     "save_pretrained",

@@ -24,6 +24,8 @@ from prune.methods import masks as masks_mod
 from prune.engine.block_cache import check_offload, host_device
 from prune.engine.distributed import plan_linears, share_steps
 from prune.engine.onload import check_materialized
+from prune.recipe import DEFAULTS as _D
+from prune.recipe import records_recipe
 from prune.methods.sparsegpt import sparsegpt_prune
 from prune.engine.statistics import SinkSettings, activation_norms
 from prune.engine.store_checks import as_store, check_fingerprint, hessians_from_store
@@ -48,6 +50,7 @@ class PruneResult:
         plan: for ``pattern="structured"``, the structured plan that was applied.
         coverage: per block, the fraction of its weights considered, the achieved sparsity (zeros over
             all its weights) and what was left out, and why (:mod:`prune.coverage`).
+        recipe: the :class:`prune.Recipe` of the run (also in ``settings["recipe"]``).
     """
 
     masks: dict[str, Tensor]
@@ -56,6 +59,7 @@ class PruneResult:
     weights: dict[str, Tensor] = field(default_factory=dict)
     plan: Any = None
     coverage: Any = None
+    recipe: Any = None
 
 
 def _select_linears(model: nn.Module, store, targets: str | None, ignore: str | None) -> dict[str, nn.Linear]:
@@ -150,34 +154,38 @@ def _plan_linear(
     return mask.cpu(), None if new_weight is None else new_weight.cpu(), row
 
 
+@records_recipe
 @torch.no_grad()
 def apply(
     model: nn.Module,
     store,
     sparsity: float,
     *,
-    method: str = "wanda",
-    sink_aware: bool = False,
-    pattern: str = "unstructured",
-    sequential: bool = False,
-    accumulate: str = "wanda",
-    sink_std: float | None = None,
-    sink_alpha: float | None = None,
-    sink_policy: str = "all",
-    unstable_threshold: float = 0.05,
-    targets: str | None = None,
-    ignore: str | None = None,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    structured_mode: str = "uniform",
-    allow_other_weights: bool = False,
-    device: torch.device | str | None = None,
-    offload_device: torch.device | str = "cpu",
-    cache_dir: str | None = None,
-    strict: bool = False,
+    method: str = _D.method,
+    sink_aware: bool = _D.sink_aware,
+    pattern: str = _D.pattern,
+    sequential: bool = _D.sequential,
+    accumulate: str = _D.accumulate,
+    sink_std: float | None = _D.sink_std,
+    sink_alpha: float | None = _D.sink_alpha,
+    sink_policy: str = _D.sink_policy,
+    unstable_threshold: float = _D.unstable_threshold,
+    targets: str | None = _D.targets,
+    ignore: str | None = _D.ignore,
+    blocksize: int = _D.blocksize,
+    percdamp: float = _D.percdamp,
+    structured_mode: str = _D.structured_mode,
+    allow_other_weights: bool = _D.allow_other_weights,
+    device: torch.device | str | None = _D.device,
+    offload_device: torch.device | str = _D.offload_device,
+    cache_dir: str | None = _D.cache_dir,
+    strict: bool = _D.strict,
     progress: bool = True,
 ) -> PruneResult:
     """Prune ``model`` in place from a calibration store.
+
+    Every option (defaults included) is a field of :class:`prune.Recipe`; ``apply(model, store,
+    recipe)`` takes them as one object, and the result carries the recipe of the run either way.
 
     Args:
         model: the model the store was recorded from (checked by fingerprint).
@@ -185,7 +193,8 @@ def apply(
             (after the block), ``attnprobe.open(path)``, or the path itself. Recorded with linear
             statistics (the default; ``hessians=True`` for one-shot SparseGPT); may be ``None`` for
             ``method="magnitude"``.
-        sparsity: fraction of each selected linear's weights pruned, in [0, 1). With
+        sparsity: fraction of each selected linear's weights pruned, in [0, 1), or a
+            :class:`prune.Recipe` holding it and every option below. With
             ``pattern="structured"``: the fraction of heads and MLP channels removed per layer.
         method: ``"magnitude"``, ``"wanda"`` (arXiv 2306.11695) or ``"sparsegpt"`` (arXiv 2301.00774).
         sink_aware: down-weight sink token rows by ``w = 1 − s`` before scoring (arXiv 2602.17664).

@@ -1,11 +1,14 @@
 """lm-evaluation-harness model for masked-diffusion LMs and their autoregressive twins: ``attnprobe``.
 
 Importing this module registers :class:`AttnprobeLM` with lm-eval (0.4.x) as ``"attnprobe"``; lm-eval
-has no plugin mechanism, so its own ``lm_eval`` command cannot see it. Run the harness through this
-module instead, with exactly ``lm_eval``'s arguments, from the repository root::
+has no plugin mechanism, so its own ``lm_eval`` command cannot see it. ``attnprobe eval`` is lm-eval's
+command line with it registered (:mod:`prune.cli.eval_command`), from the repository root::
 
-    python -m prune.harness --model attnprobe --model_args pretrained=examples/models/tiny-dlm,mc_num=32 \\
+    attnprobe eval examples/models/tiny-dlm --model_args mc_num=32 \\
         --include_path examples/tasks --tasks attnprobe_continuation
+
+(``python -m prune.harness --model attnprobe --model_args pretrained=...`` is the same with exactly
+``lm_eval``'s arguments)
 
 or from Python: ``import prune.harness`` then ``lm_eval.simple_evaluate(model="attnprobe", ...)``.
 

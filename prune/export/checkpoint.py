@@ -18,7 +18,8 @@ What each pattern writes (``out_dir`` is an ordinary Hugging Face model director
   ``out_dir/structured_plan.json`` and a ``ValueError`` says how to reload:
   ``apply_plan(from_pretrained(dense), load_plan(path))``.
 
-Every pattern also records the full pruning settings as ``attnprobe_pruning`` in ``config.json``.
+Every pattern also records the full pruning settings as ``attnprobe_pruning`` in ``config.json``, and
+the :class:`prune.Recipe` of the run as ``recipe.yaml`` beside it (``Recipe.load(out_dir)`` reads it).
 Remote-code models (``trust_remote_code=True``, e.g. LLaDA) are saved with their code files as usual.
 """
 
@@ -89,7 +90,7 @@ def sparsity_config(model: nn.Module, result: PruneResult) -> dict[str, Any]:
         "global_sparsity": global_sparsity,
         "targets": targets,
         "ignore": ignore,
-        **{k: v for k, v in settings.items() if k != "pattern"},
+        **{k: v for k, v in settings.items() if k not in ("pattern", "recipe")},
     }
 
 
@@ -196,4 +197,11 @@ def save_pretrained(
                 delattr(config, key)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    if getattr(result, "recipe", None) is not None:  # beside the checkpoint, as llm-compressor does
+        from prune.recipe import RECIPE_FILE, RecipeError
+
+        try:
+            result.recipe.save(out_dir / RECIPE_FILE)
+        except RecipeError as err:  # an option given as a Python callable
+            logger.warning("%s not written: %s", RECIPE_FILE, err)
     return out_dir
