@@ -14,10 +14,29 @@ input statistics), ``store`` (the on-disk trajectory store), ``analysis`` (sinks
 
 import sys as _sys
 
-from attnprobe import distributed  # noqa: F401  (a submodule, not part of __all__)
-from attnprobe.analysis.sinks import sink_scores, step_mass
+from attnprobe.analysis.sinks import (
+    DEFAULT_SINK_ALPHA,
+    DEFAULT_SINK_STD,
+    sink_scores,
+    sink_weights,
+    step_mass,
+)
+from attnprobe.cli import main as cli_main
 from attnprobe.denoising.calibrate import calibrate, calibration_steps
 from attnprobe.denoising.sampler import generate
+from attnprobe.distributed import (
+    all_gather_object,
+    all_reduce_sum_,
+    barrier,
+    broadcast_tensor,
+    check_agreement,
+    group_from_env,
+    init_from_env,
+    raise_if_any_failed,
+    rank,
+    shard_range,
+    world_size,
+)
 from attnprobe.layout.experts import ExpertSet, discover_experts, expert_weight, reduce_experts
 from attnprobe.layout.experts import attach as attach_expert_hooks
 from attnprobe.layout.registry import ModelLayout, discover
@@ -60,10 +79,26 @@ alias_moved_modules(
 # The public API: functions and classes. `prune` builds only on these names (never on attnprobe's
 # internal modules); tests/house/test_layout.py checks it.
 __all__ = [
+    # process groups (no-ops without one): attnprobe.distributed
+    "all_gather_object",
+    "all_reduce_sum_",
+    "barrier",
+    "broadcast_tensor",
+    "check_agreement",
+    "group_from_env",
+    "init_from_env",
+    "raise_if_any_failed",
+    "rank",
+    "shard_range",
+    "world_size",
+    # the rest
     "alias_moved_modules",
     "attach_expert_hooks",
     "reduce_experts",
+    "DEFAULT_SINK_ALPHA",
+    "DEFAULT_SINK_STD",
     "sink_scores",
+    "sink_weights",
     "step_mass",
     "BlockMassRecording",
     "ExpertSet",
@@ -73,6 +108,7 @@ __all__ = [
     "StoreError",
     "TrajectoryStore",
     "calibrate",
+    "cli_main",
     "calibration_steps",
     "discover",
     "discover_experts",

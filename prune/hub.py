@@ -18,10 +18,15 @@ import torch
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def _dtype_key() -> str:
+def dtype_kwargs(dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """``from_pretrained``'s dtype keyword: ``dtype`` in transformers 5, ``torch_dtype`` before; ``{}``
+    for None (the checkpoint's own dtype). The one place that knows the difference."""
+    if dtype is None:
+        return {}
     import transformers
 
-    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    return {key: dtype}
 
 
 def checkpoint_dtype(config: Any) -> torch.dtype:
@@ -39,20 +44,27 @@ def load_config(name: str, trust_remote_code: bool):
     return transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
 
 
+def load_pretrained(name: str, dtype: torch.dtype | None, trust_remote_code: bool):
+    """The model on the CPU in ``dtype`` (None: the checkpoint's), SDPA where it lets us choose, eval mode."""
+    import transformers
+
+    kwargs = {**dtype_kwargs(dtype), "trust_remote_code": trust_remote_code}
+    errors = []
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):  # LLaDA/Dream: AutoModel
+        for extra in ({"attn_implementation": "sdpa"}, {}):
+            try:
+                return auto.from_pretrained(name, **kwargs, **extra).eval()
+            except (ValueError, TypeError, KeyError) as err:
+                errors.append(f"{auto.__name__}{' (sdpa)' if extra else ''}: {err}")
+    raise ValueError(f"could not load {name}: " + "; ".join(errors))
+
+
 def load_model(name: str, dtype: torch.dtype, trust_remote_code: bool):
     """``(tokenizer, model)`` on the CPU in ``dtype``, in eval mode."""
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    kwargs = {_dtype_key(): dtype, "trust_remote_code": trust_remote_code}
-    errors = []
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):  # LLaDA/Dream: AutoModel
-        for extra in ({"attn_implementation": "sdpa"}, {}):
-            try:
-                return tokenizer, auto.from_pretrained(name, **kwargs, **extra).eval()
-            except (ValueError, TypeError, KeyError) as err:
-                errors.append(f"{auto.__name__}{' (sdpa)' if extra else ''}: {err}")
-    raise ValueError(f"could not load {name}: " + "; ".join(errors))
+    return tokenizer, load_pretrained(name, dtype, trust_remote_code)
 
 
 def mask_token_id(model: Any, tokenizer: Any, override: int | None = None) -> int:

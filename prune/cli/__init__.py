@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from attnprobe import cli as attnprobe_cli
+from attnprobe import cli_main
 
 
 def add_commands(commands: Any) -> None:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         from prune.cli import eval_command
 
         return eval_command.run(argv[1:])
-    return attnprobe_cli.main(argv, extra_commands=add_commands)
+    return cli_main(argv, extra_commands=add_commands)
 
 
 if __name__ == "__main__":

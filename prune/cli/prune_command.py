@@ -18,7 +18,7 @@ and ``report.png``. Run again on the same DIR, the store is reused once its fing
 shapes, weight sample) and ``calibration.json`` match; ``--overwrite`` records it again.
 
 Under ``torchrun`` every rank loads the model and runs its share (sharded recording, split pruning
-work, :mod:`prune.process_group`); rank 0 writes everything but the store shards.
+work, :func:`attnprobe.init_from_env`); rank 0 writes everything but the store shards.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -152,8 +153,8 @@ def _dtype(name: str, config: Any):
 
 
 def dry_run(args: argparse.Namespace, recipe: Recipe) -> int:
-    from prune.hub import default_seq_len, load_config
     from prune.engine.memory_plan import plan_from_config
+    from prune.hub import default_seq_len, load_config
 
     config = load_config(args.model, args.trust_remote_code)
     calibration = recipe.calibration
@@ -254,6 +255,20 @@ def _record(args, recipe: Recipe, model, windows, mask_id: int, kind: str, world
     return store
 
 
+def _join_group(device: str | None) -> tuple[bool, int, int, str | None]:
+    """Under ``torchrun``, start its process group (:func:`attnprobe.init_from_env`): NCCL when the
+    recipe computes on CUDA, else gloo. Returns (started here, rank, world size, this rank's device):
+    ``device="cuda"`` (no index) becomes ``cuda:LOCAL_RANK``."""
+    from attnprobe import init_from_env, rank, world_size
+
+    cuda = device is not None and device.startswith("cuda")
+    started = init_from_env("nccl" if cuda else "gloo")
+    world = world_size()
+    if world > 1 and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return started, rank(), world, device
+
+
 def run(args: argparse.Namespace) -> int:
     recipe = build_recipe(args)
     if args.dry_run:
@@ -261,11 +276,13 @@ def run(args: argparse.Namespace) -> int:
     kind = _store_kind(recipe)
     if kind is not None and args.calibration is None:
         raise ValueError(f"--method {recipe.method} needs calibration data: pass --calibration FILE")
+    import torch
+
     import prune
-    from prune import process_group
+    from attnprobe import barrier
     from prune.hub import calibration_windows, default_seq_len, load_config, load_model, mask_token_id
 
-    rank, world, device = process_group.init_from_env(recipe.device)
+    started, rank, world, device = _join_group(recipe.device)
     if device != recipe.device:
         recipe = recipe.replace(device=device)
     phases = _Phases(4 if kind else 3, args.quiet, rank)
@@ -293,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
                 )
                 (out / PROVENANCE).unlink(missing_ok=True)
                 store = _record(args, recipe, model, windows, mask_id, kind, world)
-                process_group.barrier()
+                barrier()
                 if world > 1:  # every rank's shard written: read them as one store
                     import attnprobe
 
@@ -308,10 +325,11 @@ def run(args: argparse.Namespace) -> int:
         phases("writing", str(out))
         if rank == 0:
             _write(args, recipe, model, tokenizer, result, store, phases)
-        process_group.barrier()
+        barrier()
         phases.finish()
     finally:
-        process_group.close()
+        if started:
+            torch.distributed.destroy_process_group()
     if rank == 0:
         sparsity = float(result.report["sparsity"].mean()) if len(result.report) else 0.0
         print(f"pruned {len(result.report)} linears to {sparsity:.4f} mean sparsity; everything is in {out}")

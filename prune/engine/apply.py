@@ -20,16 +20,16 @@ from torch import Tensor, nn
 
 from prune.engine import coverage as coverage_mod
 from prune.engine import experts as experts_mod
-from prune.methods import masks as masks_mod
 from prune.engine.block_cache import check_offload, host_device
 from prune.engine.distributed import plan_linears, share_steps
 from prune.engine.onload import check_materialized
-from prune.recipe import DEFAULTS as _D
-from prune.recipe import records_recipe
-from prune.methods.sparsegpt import sparsegpt_prune
 from prune.engine.statistics import SinkSettings, activation_norms
 from prune.engine.store_checks import as_store, check_fingerprint, hessians_from_store
+from prune.methods import masks as masks_mod
+from prune.methods.sparsegpt import sparsegpt_prune
 from prune.methods.wanda import check_accumulation, magnitude_scores, wanda_scores
+from prune.recipe import DEFAULTS as _D
+from prune.recipe import records_recipe
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from attnprobe import discover, distributed
+from attnprobe import discover, raise_if_any_failed, world_size
 from prune.engine.block_cache import BlockInputCache, open_cache
 from prune.engine.block_stats import BlockStatistics
 from prune.engine.onload import block_device, onloaded, to_device
@@ -338,7 +338,7 @@ def prune_blockwise(
                                     entry.run(block.module, run_device)
                         except Exception as err:
                             failure = _hold(err)
-                    distributed.raise_if_any_failed(failure, "block-wise pruning")
+                    raise_if_any_failed(failure, "block-wise pruning")
                     try:
                         prune_block(block, finish(stats))
                     except Exception as err:
@@ -350,11 +350,11 @@ def prune_blockwise(
                             cache.replace_hidden(number, entry.run(block.module, run_device))
                     except Exception as err:
                         failure = _hold(err)
-        distributed.raise_if_any_failed(failure, "block-wise pruning")
+        raise_if_any_failed(failure, "block-wise pruning")
 
 
 def _hold(error: Exception) -> Exception:
     """``error``, kept until the next collective in a process group; raised at once on one process."""
-    if distributed.world_size() == 1:
+    if world_size() == 1:
         raise error
     return error

@@ -26,7 +26,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from attnprobe import distributed
+from attnprobe import (
+    all_gather_object,
+    all_reduce_sum_,
+    broadcast_tensor,
+    check_agreement,
+    raise_if_any_failed,
+    rank,
+    shard_range,
+    world_size,
+)
 
 Plan = dict[str, tuple[Tensor, Tensor | None]]
 if TYPE_CHECKING:
@@ -68,7 +77,7 @@ def plan_linears(
     Returns:
         ``({name: (mask, new weight or None)}, report rows)`` in the order of ``linears``.
     """
-    world, me = distributed.world_size(), distributed.rank()
+    world, me = world_size(), rank()
     if world == 1:
         plan, rows = {}, []
         for name, module in tqdm(linears.items(), desc=f"prune {method}", disable=not progress):
@@ -76,7 +85,7 @@ def plan_linears(
             plan[name] = (mask, new_weight)
             rows.append(row)
         return plan, rows
-    distributed.check_agreement(
+    check_agreement(
         (method, list(linears)), "prune.apply's method and selected linears",
         "Call prune.apply with the same arguments on every rank of the process group.",
     )
@@ -92,9 +101,9 @@ def plan_linears(
             my_rows[name] = row
     except (ValueError, RuntimeError) as err:
         error = err
-    distributed.raise_if_any_failed(error, "prune.apply")
+    raise_if_any_failed(error, "prune.apply")
     rows_by_name: dict[str, dict[str, Any]] = {}
-    for part in distributed.all_gather_object(my_rows):
+    for part in all_gather_object(my_rows):
         rows_by_name.update(part)
     plan: Plan = {}
     with_weights = method == "sparsegpt"
@@ -102,10 +111,10 @@ def plan_linears(
         owner = owners[name]
         mask, new_weight = mine.get(name, (None, None))
         shape = tuple(module.weight.shape)
-        mask = distributed.broadcast_tensor(mask, owner, shape=shape, dtype=torch.bool)
+        mask = broadcast_tensor(mask, owner, shape=shape, dtype=torch.bool)
         if with_weights:
             dtype = module.weight.dtype  # sparsegpt_prune returns the weight in the weight's dtype
-            new_weight = distributed.broadcast_tensor(new_weight, owner, shape=shape, dtype=dtype)
+            new_weight = broadcast_tensor(new_weight, owner, shape=shape, dtype=dtype)
         # The owner keeps its own tensors (on the weight's device); the others take the broadcast copy.
         plan[name] = mine[name] if owner == me else (mask, new_weight)
     return plan, [rows_by_name[name] for name in linears]
@@ -119,12 +128,12 @@ def all_reduce_block_statistics(stats: BlockStatistics) -> BlockStatistics:
     are refused on every rank before any tensor moves (a mismatch would hang or mix the sums).
     """
     layout = [(name, list(g.members), tuple(g.total.shape)) for name, g in stats.groups.items()]
-    distributed.check_agreement(
+    check_agreement(
         layout, "the block's input groups (name, members, shape)",
         "Every rank must run the same model over its share of the same calibration store.",
     )
     for tensor in stats.tensors():
-        distributed.all_reduce_sum_(tensor)
+        all_reduce_sum_(tensor)
     return stats
 
 
@@ -134,8 +143,8 @@ def share_steps(steps: list) -> tuple[list, Callable | None]:
     Without a process group, or with fewer steps than ranks (a rank would see no input at all), every
     rank keeps every step and nothing is combined: the result is the same, only slower.
     """
-    world = distributed.world_size()
+    world = world_size()
     if world == 1 or len(steps) < world:
         return steps, None
-    share = distributed.shard_range(len(steps))
+    share = shard_range(len(steps))
     return steps[share.start : share.stop], all_reduce_block_statistics

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnprobe.analysis import sinks
+from attnprobe import sink_scores, step_mass
 from prune.methods.wanda import ACCUMULATIONS, accumulation_term, check_accumulation, finish_norm
 
 __all__ = ["ACCUMULATIONS", "SINK_POLICIES", "SinkSettings", "activation_norms", "step_weights"]
@@ -38,7 +38,7 @@ class SinkSettings:
     """How sink tokens are down-weighted.
 
     Attributes:
-        sink_std, sink_alpha: the sink rule (``attnprobe.sinks``).
+        sink_std, sink_alpha: the sink rule (``attnprobe.analysis.sinks``).
         policy: ``"all"`` down-weights every sink; ``"unstable"`` only positions whose sink score
             varies across the steps of the same sequence (variance above ``unstable_threshold``).
         unstable_threshold: variance of the sink score over steps above which a position is unstable.
@@ -73,12 +73,12 @@ def step_weights(store, settings: SinkSettings) -> dict[int, Tensor]:
     scores: dict[int, Tensor] = {}
     for step in range(store.num_steps):
         valid = store.valid(step)
-        total = sinks.step_mass(_layer_masses(store, step), valid.shape[1])
+        total = step_mass(_layer_masses(store, step), valid.shape[1])
         if total is None:
             raise ValueError(
                 f"step {step} of {store.path} has no layer whose keys are its {valid.shape[1]} tokens"
             )
-        scores[step] = sinks.sink_scores(
+        scores[step] = sink_scores(
             total, valid, sink_std=settings.sink_std, sink_alpha=settings.sink_alpha
         )
     if settings.policy == "all":

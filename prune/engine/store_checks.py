@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 import attnprobe
 from attnprobe import Recording, TrajectoryStore, fingerprint_problems
-from prune.export.mask_files import shown
 from prune.engine.statistics import SinkSettings
+from prune.export.mask_files import shown
 
 
 def as_store(store: Any, *, needed: str = "a calibration store"):

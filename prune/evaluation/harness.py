@@ -59,26 +59,9 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 import attnprobe
 from prune.evaluation.draws import diffusion_draws, forward_logits, masked_ce
 from prune.evaluation.generation import Generation
+from prune.hub import DTYPES, load_pretrained
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _load_model(pretrained: str, dtype: str, trust_remote_code: bool) -> nn.Module:
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if dtype != "auto":
-        import transformers
-
-        key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-        kwargs[key] = _DTYPES[dtype]
-    try:
-        return AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
-    except ValueError:  # remote-code DLMs (LLaDA, Dream) may register only AutoModel
-        return AutoModel.from_pretrained(pretrained, **kwargs)
-
 
 def _batch_size(value: Any) -> int:
     if isinstance(value, int):
@@ -150,8 +133,8 @@ class AttnprobeLM(Generation, LM):
         super().__init__()
         from transformers import AutoTokenizer
 
-        if dtype not in (*_DTYPES, "auto"):
-            raise ValueError(f"dtype={dtype!r}: choose one of {', '.join([*_DTYPES, 'auto'])}.")
+        if dtype not in (*DTYPES, "auto"):
+            raise ValueError(f"dtype={dtype!r}: choose one of {', '.join([*DTYPES, 'auto'])}.")
         if int(mc_num) < 1:
             raise ValueError(f"mc_num must be ≥ 1, got {mc_num}.")
         if isinstance(pretrained, nn.Module):
@@ -159,7 +142,7 @@ class AttnprobeLM(Generation, LM):
             if tokenizer is None:
                 raise ValueError("pretrained is a module: pass tokenizer= (an object or a path) too.")
         else:
-            model = _load_model(str(pretrained), dtype, bool(trust_remote_code))
+            model = load_pretrained(str(pretrained), DTYPES.get(dtype), bool(trust_remote_code))
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = model.to(device).eval()

@@ -79,11 +79,11 @@ def sink_weight_grid(store: Any, sink_std: float | None = None, sink_alpha: floa
     numpy array, and the steps drawn."""
     import numpy as np
 
-    from attnprobe.analysis import sinks
+    from attnprobe import DEFAULT_SINK_ALPHA, DEFAULT_SINK_STD, sink_weights, step_mass
 
-    std = sink_std if sink_std is not None else store.options.get("sink_std", sinks.DEFAULT_SINK_STD)
+    std = sink_std if sink_std is not None else store.options.get("sink_std", DEFAULT_SINK_STD)
     alpha = (
-        sink_alpha if sink_alpha is not None else store.options.get("sink_alpha", sinks.DEFAULT_SINK_ALPHA)
+        sink_alpha if sink_alpha is not None else store.options.get("sink_alpha", DEFAULT_SINK_ALPHA)
     )
     steps = list(range(store.num_steps))
     if len(steps) > MAX_STEPS:
@@ -98,13 +98,13 @@ def sink_weight_grid(store: Any, sink_std: float | None = None, sink_alpha: floa
                 masses.append(store.layer_mass(step, layer))
             except KeyError:
                 continue
-            total = sinks.step_mass(masses[-1:], tokens)
+            total = step_mass(masses[-1:], tokens)
             if total is not None:
-                weight = sinks.sink_weights(total, valid, sink_std=std, sink_alpha=alpha)
+                weight = sink_weights(total, valid, sink_std=std, sink_alpha=alpha)
                 grid[layer, column] = float(weight[valid].mean())
-        total = sinks.step_mass(masses, tokens)
+        total = step_mass(masses, tokens)
         if total is not None:
-            weight = sinks.sink_weights(total, valid, sink_std=std, sink_alpha=alpha)
+            weight = sink_weights(total, valid, sink_std=std, sink_alpha=alpha)
             grid[-1, column] = float(weight[valid].mean())
     return grid, steps
 
