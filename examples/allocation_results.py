@@ -17,9 +17,9 @@ import statistics
 import time
 from pathlib import Path
 
+import pipeline
 import torch
 
-import pipeline
 import prune
 from prune.statistics import SinkSettings
 from prune.store_checks import hessians_from_store
@@ -58,7 +58,13 @@ class Grid:
         chosen = self.sensitivity.get(key, "sensitivity") if allocation == "sensitivity" else allocation
         start = time.perf_counter()
         result = prune.apply(
-            model, store, sparsity, method=method, sink_aware=sink, allocation=chosen, refine=refine,
+            model,
+            store,
+            sparsity,
+            method=method,
+            sink_aware=sink,
+            allocation=chosen,
+            refine=refine,
             progress=False,
         )
         seconds = time.perf_counter() - start
@@ -67,16 +73,26 @@ class Grid:
         rows, samples = self.heldout[kind][draws]
         ids = pipeline.load_ids("heldout")[:rows]
         nll = prune.evaluate(
-            model, ids, mask_token_id=self.pair.mask_token_id if kind == "dlm" else None,
-            num_samples=samples, progress=False,
+            model,
+            ids,
+            mask_token_id=self.pair.mask_token_id if kind == "dlm" else None,
+            num_samples=samples,
+            progress=False,
         ).nll
         grams = hessians_from_store(store, False, SinkSettings())
         masks = result.masks
         zeros = sum(int((~m).sum()) for m in masks.values())
         total = sum(m.numel() for m in masks.values())
         row = {
-            "kind": kind, "seed": seed, "sparsity": sparsity, "method": method, "sink": sink,
-            "allocation": allocation, "refine": refine, "draws": draws, "nll": nll,
+            "kind": kind,
+            "seed": seed,
+            "sparsity": sparsity,
+            "method": method,
+            "sink": sink,
+            "allocation": allocation,
+            "refine": refine,
+            "draws": draws,
+            "nll": nll,
             "error": layer_errors(dense, model, {n: grams[n] for n in masks if n in grams}),
             "report_error": float(result.report["error"].mean()),
             "global_sparsity": zeros / total,
@@ -128,7 +144,9 @@ def grid_70() -> list[tuple]:
 
 def _rows(log: Path | list[Path]) -> list[dict]:
     logs = log if isinstance(log, list) else [log]
-    return [json.loads(line) for f in logs if f.exists() for line in f.read_text().splitlines() if line.strip()]
+    return [
+        json.loads(line) for f in logs if f.exists() for line in f.read_text().splitlines() if line.strip()
+    ]
 
 
 def _config(row) -> tuple:
@@ -176,15 +194,141 @@ def task(pair, work: Path, logs: list[Path], out_log: Path, quick: bool, calibra
     for config in [("wanda", False, "uniform", False), best]:
         _, model = grid.run("dlm", store, 0, 0.7, *config, draws="task", keep=True)
         score = task_eval.task_accuracy(
-            model, tokenizer=pipeline.MODELS / "tiny-dlm", mc_num=2 if quick else 4, limit=12 if quick else None
+            model,
+            tokenizer=pipeline.MODELS / "tiny-dlm",
+            mc_num=2 if quick else 4,
+            limit=12 if quick else None,
         )
-        row = {"task": list(config), "acc": score["acc"], "stderr": score["acc_stderr"], "items": score["items"]}
+        row = {
+            "task": list(config),
+            "acc": score["acc"],
+            "stderr": score["acc_stderr"],
+            "items": score["items"],
+        }
         with out_log.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
 
-def render(logs: list[Path], task_log: Path) -> str:  # filled in below
-    return MARKERS[0] + "\n" + "\n".join(json.dumps(r) for r in _rows(logs + [task_log])) + "\n" + MARKERS[1]
+LINEAR_NAMES = ("q", "k", "v", "o", "gate", "up", "down")  # report order within a tiny-dlm block
+
+
+def _ms(values: list[float], digits: int = 3) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}" if values else "-"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _label(config: tuple) -> str:
+    method, sink, allocation, refine = config
+    return f"{method}{' sink-aware' if sink else ''} | {allocation} | {'on' if refine else 'off'}"
+
+
+def _paired(rows: list[dict], base: list[dict], key: str = "nll") -> list[float]:
+    """Per-seed differences to the baseline measured with the same calibration seed."""
+    by_seed = {r["seed"]: r[key] for r in base}
+    return [r[key] - by_seed[r["seed"]] for r in rows if r["seed"] in by_seed]
+
+
+def _table(rows: list[dict], kind: str, sparsity: float, draws: str) -> tuple[str, dict]:
+    groups = _group(rows, kind, sparsity, draws)
+    base = groups.get(("wanda", False, "uniform", False), [])
+    lines = [
+        "| method | allocation | refine | held-out NLL | Δ NLL vs uniform Wanda (paired) | mean layer error "
+        "| global sparsity | seeds | prune s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for config, group in groups.items():
+        method, allocation, refine = _label(config).split(" | ")
+        delta = _paired(group, base) if config != ("wanda", False, "uniform", False) else []
+        sparsities = [r["global_sparsity"] for r in group]
+        lines.append(
+            f"| {method} | {allocation} | {refine} | {_ms([r['nll'] for r in group])} | "
+            f"{_ms(delta) if delta else '-'} | {_ms([r['error'] for r in group], 4)} | "
+            f"{min(sparsities):.4f}–{max(sparsities):.4f} | {len(group)} | "
+            f"{statistics.fmean(r['seconds'] for r in group):.0f} |"
+        )
+    return "\n".join(lines), groups
+
+
+def _layer_table(rows: list[dict], kind: str, method: str) -> str:
+    """Per-linear sparsity (seed 0, 70%) of OWL and sensitivity, one column per block."""
+    chosen = [
+        r
+        for r in rows
+        if r.get("kind") == kind
+        and r["seed"] == 0
+        and r["sparsity"] == 0.7
+        and r["method"] == method
+        and not r["sink"]
+        and not r["refine"]
+        and r["allocation"] in ("owl", "sensitivity")
+        and r["draws"] == "grid"
+    ]
+    if not chosen:
+        return ""
+    blocks = len(chosen[0]["layer_sparsity"]) // len(LINEAR_NAMES)
+    lines = [
+        "| allocation | linear | " + " | ".join(f"block {b}" for b in range(blocks)) + " |",
+        "|---|---|" + "---|" * blocks,
+    ]
+    for r in chosen:
+        values = r["layer_sparsity"]
+        for i, name in enumerate(LINEAR_NAMES):
+            cells = [f"{values[b * len(LINEAR_NAMES) + i]:.3f}" for b in range(blocks)]
+            lines.append(f"| {r['allocation']} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render(logs: list[Path], task_log: Path) -> str:
+    """Section 5 of RESULTS.md from the logs of every seed (and of the lm-eval rows)."""
+    rows = _rows(logs)
+    tasks = [r for r in _rows([task_log]) if "task" in r]
+    seeds = sorted({r["seed"] for r in rows})
+    parts = [MARKERS[0], SECTION_HEAD.format(seeds=len(seeds))]
+    for title, kind, sparsity, draws in (
+        ("Diffusion LM, 70%, grid (64 windows × 2 draws)", "dlm", 0.7, "grid"),
+        ("Diffusion LM, 70%, final rows (128 windows × 4 draws)", "dlm", 0.7, "full"),
+        ("Diffusion LM, 60% (128 windows × 4 draws)", "dlm", 0.6, "full"),
+        ("Autoregressive twin, 70% (exact AR NLL, 160 windows)", "ar", 0.7, "grid"),
+    ):
+        table, groups = _table(rows, kind, sparsity, draws)
+        if groups:
+            parts += [f"### {title}", table]
+    for kind, label in (("dlm", "diffusion LM"), ("ar", "autoregressive twin")):
+        layer_table = _layer_table(rows, kind, "wanda")
+        if layer_table:
+            parts += [f"### Per-linear sparsity chosen for the {label} (Wanda, 70%, seed 0)", layer_table]
+    if tasks:
+        lines = [
+            "| configuration (method, sink-aware, allocation, refine) | accuracy ± s.e. | items |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {_label(tuple(t['task']))} | {t['acc']:.3f} ± {t['stderr']:.3f} | {t['items']} |"
+            for t in tasks
+        ]
+        parts += [
+            "### lm-eval continuation accuracy (70%, calibration seed 0, 4 Monte-Carlo draws per choice)",
+            "\n".join(lines),
+        ]
+    parts.append(MARKERS[1])
+    return "\n\n".join(parts)
+
+
+SECTION_HEAD = """## 5. Layer allocation and mask refinement
+
+Written by `python examples/write_results.py --only-allocation --allocation-seed S` (one process per
+seed S = 0, 1, 2), `--allocation-task` and `--render-allocation`; every number comes from those runs'
+logs. One-shot pruning from calibration stores of 16 windows × 10 noise levels per seed ({seeds}
+seeds: different windows and masking draws), unstructured. Allocation: `allocation=` of
+`prune.apply` (`owl`: M = 5, λ = 0.08; `sensitivity`: ±0.1 around the target); refinement:
+`refine=True` (SparseSwaps-style 1-swaps, 30 iterations, 16 candidates per side). *Held-out NLL*:
+the masked-diffusion bound in nats per byte (the exact AR NLL for the twin), mean ± standard
+deviation over the seeds. *Δ NLL (paired)*: per seed, the configuration minus uniform Wanda from the
+same store, mean ± std over the seeds. *Mean layer error*: the mean over the 28 pruned linears of
+‖(W − Ŵ)X‖² / ‖WX‖², computed by the script itself from the store's plain Gram matrices (not from
+`result.report`). *Global sparsity*: zeros over all pruned weights (uniform Wanda's per-row `int()`
+truncation gives 0.6982 at 70%). Grid rows use fewer held-out draws than the final rows."""
 
 
 def splice(path: Path, section: str) -> None:

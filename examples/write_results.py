@@ -277,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         help="measure one seed of section 5 (allocation and refinement) into <--allocation-log>.<seed>.jsonl",
     )
     parser.add_argument("--allocation-seed", type=int, default=0, help="the seed --only-allocation measures")
-    parser.add_argument("--allocation-task", action="store_true", help="section 5's lm-eval rows (after all seeds)")
+    parser.add_argument(
+        "--allocation-task", action="store_true", help="section 5's lm-eval rows (after all seeds)"
+    )
     parser.add_argument("--render-allocation", action="store_true", help="render section 5 from the logs")
     parser.add_argument("--allocation-log", type=Path, default=ROOT / "out" / "allocation.jsonl")
     args = parser.parse_args(argv)

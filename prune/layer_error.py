@@ -22,12 +22,8 @@ Where ``G`` comes from (what it costs):
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor
-
-from attnprobe.store_format import HESSIANS
 
 # Output rows processed at once: bounds the (rows, in) float32 temporaries of a large layer.
 _ROWS_PER_CHUNK = 1024
@@ -108,7 +104,7 @@ def grams_from_store(store, sink_aware: bool, settings, *, required: bool, why: 
     """
     from prune.store_checks import hessians_from_store
 
-    if store is None or not (Path(store.path) / HESSIANS).exists():
+    if store is None or not store.options.get("hessians"):
         if required:
             raise ValueError(
                 f"{why} needs the Gram matrix XᵀX of every pruned linear's inputs; one-shot it comes "
