@@ -6,8 +6,8 @@
   block's selected linears) above ``M × mean(A)``. ``D`` is rescaled to ``[0, 2λ]`` and shifted so
   that the keep ratios ``1 − s_l`` average ``1 − s``: more outliers, less sparsity, in a band ``2λ``
   wide around the target (not symmetric when ``D`` is skewed). Published defaults ``M = 5``,
-  ``λ = 0.08``. ``‖x‖`` is sink-weighted when sink-aware. The shift averages over blocks weighted by their size (the paper's blocks are all the same size, where
-  the two coincide).
+  ``λ = 0.08``. ``‖x‖`` is sink-weighted when sink-aware. The shift averages over blocks weighted by
+  their size (the paper's blocks are all the same size, where the two coincide).
 - ``"sensitivity"`` (this project's, measured on the model): every linear is pruned by the chosen
   method at candidate sparsities ``s + δ``, ``δ ∈ {−r, −r/2, 0, r/2, r}`` (``r = sensitivity_range``),
   and its relative reconstruction error under the Gram matrix of its calibration inputs (over all the
