@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 
 import pytest
 import torch
@@ -227,9 +228,10 @@ def test_saved_masks_carry_and_reproduce_the_allocation(tmp_path):
     assert settings["refine"] == "sparseswaps"
     again = prune.apply(fresh, store, 0.6, allocation=settings["layer_sparsity"], refine=True, progress=False)
     assert all(torch.equal(again.masks[n], m) for n, m in result.masks.items())
-    config = prune.sparsity_config(model, result) if hasattr(prune, "sparsity_config") else None
-    if config is not None:
-        assert config["allocation"] == "owl"
+    prune.save_pretrained(model, tmp_path / "ckpt", result)
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())["attnprobe_pruning"]
+    assert saved["allocation"] == "owl" and saved["refine"] == "sparseswaps"
+    assert saved["layer_sparsity"] == pytest.approx(result.settings["layer_sparsity"])
 
 
 def test_sequential_refine_and_error(tmp_path):
