@@ -311,8 +311,77 @@ def render(logs: list[Path], task_log: Path) -> str:
             "### lm-eval continuation accuracy (70%, calibration seed 0, 4 Monte-Carlo draws per choice)",
             "\n".join(lines),
         ]
+    parts += ["### What comes out", _summary(rows)]
     parts.append(MARKERS[1])
     return "\n\n".join(parts)
+
+
+def _block_means(rows: list[dict], kind: str, allocation: str) -> str:
+    """Mean sparsity per block of Wanda's allocation at 70%, averaged over the seeds."""
+    chosen = [
+        r["layer_sparsity"]
+        for r in rows
+        if r.get("kind") == kind
+        and r["sparsity"] == 0.7
+        and r["method"] == "wanda"
+        and not r["sink"]
+        and not r["refine"]
+        and r["allocation"] == allocation
+        and r["draws"] == "grid"
+    ]
+    if not chosen:
+        return "-"
+    n = len(LINEAR_NAMES)
+    blocks = len(chosen[0]) // n
+    # every linear type has its own size; weight by it (q, k, v, o: 1; gate, up, down: 512 / 192)
+    sizes = [1, 1, 1, 1, 8 / 3, 8 / 3, 8 / 3]
+    means = []
+    for b in range(blocks):
+        values = [statistics.fmean(c[b * n + i] for c in chosen) for i in range(n)]
+        means.append(sum(v * w for v, w in zip(values, sizes)) / sum(sizes))
+    return ", ".join(f"{m:.3f}" for m in means)
+
+
+def _summary(rows: list[dict]) -> str:
+    lines = []
+    full60 = _group(rows, "dlm", 0.6, "full")
+    base60, ref60 = (
+        full60.get(("wanda", False, "uniform", False)),
+        full60.get(("wanda", False, "uniform", True)),
+    )
+    if base60 and ref60:
+        by_seed = {r["seed"]: r for r in base60}
+        ratios = [1 - r["error"] / by_seed[r["seed"]]["error"] for r in ref60]
+        lines.append(
+            f"- 60%, `refine=True` after Wanda: mean layer error {_ms([r['error'] for r in base60], 4)} → "
+            f"{_ms([r['error'] for r in ref60], 4)}, i.e. {_ms([100 * x for x in ratios], 1)}% lower "
+            f"(script's own computation); held-out NLL Δ {_ms(_paired(ref60, base60))} (paired)."
+        )
+    full70 = _group(rows, "dlm", 0.7, "full")
+    base70 = full70.get(("wanda", False, "uniform", False))
+    if base70:
+        spread = statistics.stdev(r["nll"] for r in base70) if len(base70) > 1 else float("nan")
+        for config, group in sorted(full70.items(), key=lambda kv: statistics.fmean(r["nll"] for r in kv[1])):
+            if config == ("wanda", False, "uniform", False):
+                continue
+            delta = _paired(group, base70)
+            lines.append(
+                f"- 70%, {_label(config)}: NLL Δ vs uniform Wanda {_ms(delta)} = "
+                f"{abs(statistics.fmean(delta)) / spread:.0f} × the baseline's seed std ({spread:.4f})."
+            )
+    gpt70 = full70.get(("sparsegpt", False, "uniform", False))
+    for config, group in full70.items():
+        if gpt70 and config[0] == "sparsegpt" and config != ("sparsegpt", False, "uniform", False):
+            lines.append(
+                f"- 70%, {_label(config)}: NLL Δ vs uniform SparseGPT {_ms(_paired(group, gpt70))} (paired)."
+            )
+    for kind, label in (("dlm", "diffusion LM"), ("ar", "AR twin")):
+        for allocation in ("owl", "sensitivity"):
+            lines.append(
+                f"- {label}, Wanda 70%, `{allocation}`: mean sparsity per block (0 → 3, weighted by size) "
+                f"{_block_means(rows, kind, allocation)}."
+            )
+    return "\n".join(lines)
 
 
 SECTION_HEAD = """## 5. Layer allocation and mask refinement
