@@ -397,7 +397,13 @@ deviation over the seeds. *Δ NLL (paired)*: per seed, the configuration minus u
 same store, mean ± std over the seeds. *Mean layer error*: the mean over the 28 pruned linears of
 ‖(W − Ŵ)X‖² / ‖WX‖², computed by the script itself from the store's plain Gram matrices (not from
 `result.report`). *Global sparsity*: zeros over all pruned weights (uniform Wanda's per-row `int()`
-truncation gives 0.6982 at 70%). Grid rows use fewer held-out draws than the final rows."""
+truncation gives 0.6982 at 70%). Grid rows use fewer held-out draws than the final rows, and the
+tables use different held-out subsets: compare rows within a table.
+
+Scope, cut to fit a ~20-minute run on 2 shared CPU cores: the 70% grid covers Wanda (plain and
+sink-aware) and plain SparseGPT, each {{uniform, owl, sensitivity}} × refinement {{off, on}}; sink-aware
+SparseGPT, the rest of the 60% grid, and 50% / 2:4 were not run. The final rows and the 60% and AR
+rows were fixed before the run (from a smaller trial run), not chosen from these results."""
 
 
 def splice(path: Path, section: str) -> None:
