@@ -300,8 +300,8 @@ def render(logs: list[Path], task_log: Path) -> str:
             parts += [f"### Per-linear sparsity chosen for the {label} (Wanda, 70%, seed 0)", layer_table]
     if tasks:
         lines = [
-            "| configuration (method, sink-aware, allocation, refine) | accuracy ± s.e. | items |",
-            "|---|---|---|",
+            "| method | allocation | refine | accuracy ± s.e. | items |",
+            "|---|---|---|---|---|",
         ]
         lines += [
             f"| {_label(tuple(t['task']))} | {t['acc']:.3f} ± {t['stderr']:.3f} | {t['items']} |"
