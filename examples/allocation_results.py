@@ -396,8 +396,8 @@ the masked-diffusion bound in nats per byte (the exact AR NLL for the twin), mea
 deviation over the seeds. *Δ NLL (paired)*: per seed, the configuration minus uniform Wanda from the
 same store, mean ± std over the seeds. *Mean layer error*: the mean over the 28 pruned linears of
 ‖(W − Ŵ)X‖² / ‖WX‖², computed by the script itself from the store's plain Gram matrices (not from
-`result.report`). *Global sparsity*: zeros over all pruned weights (uniform Wanda's per-row `int()`
-truncation gives 0.6982 at 70%). Grid rows use fewer held-out draws than the final rows, and the
+`result.report`). *Global sparsity*: zeros over all pruned weights, min–max over the seeds (uniform
+Wanda's per-row `int(in · s)` stays slightly below the target; computed allocations meet it). Grid rows use fewer held-out draws than the final rows, and the
 tables use different held-out subsets: compare rows within a table.
 
 Scope, cut to fit a ~20-minute run on 2 shared CPU cores: the 70% grid covers Wanda (plain and
