@@ -397,8 +397,9 @@ deviation over the seeds. *Δ NLL (paired)*: per seed, the configuration minus u
 same store, mean ± std over the seeds. *Mean layer error*: the mean over the 28 pruned linears of
 ‖(W − Ŵ)X‖² / ‖WX‖², computed by the script itself from the store's plain Gram matrices (not from
 `result.report`). *Global sparsity*: zeros over all pruned weights, min–max over the seeds (uniform
-Wanda's per-row `int(in · s)` stays slightly below the target; computed allocations meet it). Grid rows use fewer held-out draws than the final rows, and the
-tables use different held-out subsets: compare rows within a table.
+Wanda's per-row `int(in · s)` stays slightly below the target; computed allocations meet it).
+Grid rows use fewer held-out draws than the final rows, and the tables use different held-out
+subsets: compare rows within a table.
 
 Scope, cut to fit a ~20-minute run on 2 shared CPU cores: the 70% grid covers Wanda (plain and
 sink-aware) and plain SparseGPT, each {{uniform, owl, sensitivity}} × refinement {{off, on}}; sink-aware
