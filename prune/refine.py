@@ -77,9 +77,11 @@ def _gains(c: Tensor, mask: Tensor, g: Tensor, diag: Tensor) -> tuple[Tensor, Te
 def _best_unstructured(c, mask, g, gram, diag, candidates):
     """Per row: (Δ, p, q) of the best swap among the top candidates of each side."""
     a, b = _gains(c, mask, g, diag)
-    pruned_count = int((~mask[0]).sum())
-    k_p = min(candidates, pruned_count)
-    k_q = min(candidates, mask.shape[1] - pruned_count)
+    # Rows may prune different counts (SparseGPT chooses per block of columns): a row with fewer
+    # candidates than k gets +inf entries, whose swaps are never taken.
+    pruned = (~mask).sum(dim=1)
+    k_p = min(candidates, int(pruned.max()))
+    k_q = min(candidates, int((mask.shape[1] - pruned).max()))
     a_top, p_idx = torch.topk(a, k_p, dim=1, largest=False)  # (rows, k_p)
     b_top, q_idx = torch.topk(b, k_q, dim=1, largest=False)  # (rows, k_q)
     pair = gram[p_idx.unsqueeze(2), q_idx.unsqueeze(1)]  # (rows, k_p, k_q)
@@ -158,9 +160,9 @@ def refine_mask(
     c = torch.where(mask, kept, kept - dense)  # −r on pruned entries, ŵ on kept ones
     del kept
     diag = torch.diagonal(gram)
-    pruned_per_row = int((~mask[0]).sum()) if mask.numel() else 0
-    if pruned_per_row in (0, mask.shape[1]):
-        return mask, c * mask, 0  # nothing to swap
+    pruned_per_row = (~mask).sum(dim=1)
+    if not bool(((pruned_per_row > 0) & (pruned_per_row < mask.shape[1])).any()):
+        return mask, c * mask, 0  # no row has both a pruned and a kept weight: nothing to swap
     rows_all = torch.arange(c.shape[0], device=device)
     start, swaps = time.perf_counter(), 0
     for _ in range(settings.iterations):

@@ -106,6 +106,18 @@ def test_refine_takes_the_best_exhaustive_swap_and_keeps_counts():
     assert ((~keep_all).sum(1) == 4).all()
 
 
+def test_refine_with_rows_of_different_counts():
+    torch.manual_seed(3)
+    w, x = torch.randn(4, 8), torch.randn(30, 8) * torch.linspace(0.2, 3, 8)
+    g = x.T @ x
+    keep = torch.ones(4, 8, dtype=torch.bool)
+    keep[1, :5] = False  # row 0 and 3 keep everything, row 2 prunes one weight
+    keep[2, 7] = False
+    new_keep, new_w, _ = refine_mask(w, w * keep, keep, g)
+    assert torch.equal((~new_keep).sum(1), (~keep).sum(1))
+    assert (_row_error(w, new_w, g) <= _row_error(w, w * keep, g) + 1e-6).all()
+
+
 def test_refine_keeps_n_m_groups():
     torch.manual_seed(2)
     w, x = torch.randn(6, 16), torch.randn(50, 16) * torch.linspace(0.2, 3, 16)
