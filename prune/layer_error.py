@@ -74,7 +74,7 @@ def relative_error(weight: Tensor, pruned: Tensor, gram: Tensor) -> float:
 
     Example:
         >>> w = torch.tensor([[1.0, 2.0]])
-        >>> relative_error(w, torch.tensor([[0.0, 2.0]]), torch.eye(2))
+        >>> round(relative_error(w, torch.tensor([[0.0, 2.0]]), torch.eye(2)), 6)
         0.2
     """
     _check(weight, pruned, gram)
