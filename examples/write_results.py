@@ -271,16 +271,42 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="measure only section 4 (lm-eval task) and splice it into --out",
     )
+    parser.add_argument(
+        "--only-allocation",
+        action="store_true",
+        help="measure one seed of section 5 (allocation and refinement) into <--allocation-log>.<seed>.jsonl",
+    )
+    parser.add_argument("--allocation-seed", type=int, default=0, help="the seed --only-allocation measures")
+    parser.add_argument(
+        "--allocation-task", action="store_true", help="section 5's lm-eval rows (after all seeds)"
+    )
+    parser.add_argument("--render-allocation", action="store_true", help="render section 5 from the logs")
+    parser.add_argument("--allocation-log", type=Path, default=ROOT / "out" / "allocation.jsonl")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    if args.only_task:
-        pair = pipeline.load_pair()
-        with tempfile.TemporaryDirectory() as tmp:
-            store = calibration_store(pair, 0, 4 if args.quick else 32, Path(tmp) / "calib-0", args.quick)
-            table, info = task_table(pair, store, args.quick)
-        minutes = (time.perf_counter() - start) / 60
-        _splice_task(args.out, _task_section(table, info, minutes))
-        print(f"wrote section 4 of {args.out} in {minutes:.1f} min")
+    if args.only_allocation or args.render_allocation or args.allocation_task:
+        import allocation_results
+
+        logs = [args.allocation_log.with_suffix(f".{seed}.jsonl") for seed in range(args.seeds)]
+        task_log = args.allocation_log.with_suffix(".task.jsonl")
+        if args.only_allocation:  # one seed per process (--allocation-seed), so seeds can run side by side
+            log = logs[args.allocation_seed]
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.unlink(missing_ok=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                allocation_results.measure(
+                    pipeline.load_pair(), Path(tmp), log, args.allocation_seed, args.quick, calibration_store
+                )
+        elif args.allocation_task:
+            task_log.unlink(missing_ok=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                allocation_results.task(
+                    pipeline.load_pair(), Path(tmp), logs, task_log, args.quick, calibration_store
+                )
+        else:
+            allocation_results.splice(args.out, allocation_results.render(logs, task_log))
+            print(f"wrote section 5 of {args.out}")
+        print(f"done in {(time.perf_counter() - start) / 60:.1f} min")
         return 0
     figures = args.out.parent / "figures"
     figures.mkdir(parents=True, exist_ok=True)

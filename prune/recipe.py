@@ -59,6 +59,14 @@ def _pattern(value: str) -> str | None:
     return None
 
 
+def _allocation(value: Any) -> str | None:
+    from prune.methods.allocation import ALLOCATIONS
+
+    if isinstance(value, str) and value not in ALLOCATIONS:
+        return f"must be one of {list(ALLOCATIONS)}, a {{name regex: sparsity}} mapping or a callable"
+    return None
+
+
 def _regex(value: str) -> str | None:
     import re
 
@@ -139,6 +147,25 @@ class Recipe(Fields):
         None, "with offload_device='disk': the directory for the block-input files (default: a temp dir)"
     )
     strict: bool = option(False, "fail instead of warning when a weight-bearing parameter stays dense")
+    allocation: str | dict[str, float] | Callable = option(
+        "uniform",
+        "how the budget is spread over the layers: uniform, owl, sensitivity, or JSON {name regex: sparsity}",
+        check=_allocation,
+    )
+    owl_m: float = option(5.0, "OWL: an outlier's metric exceeds M times its layer's mean", check=_positive)
+    owl_lambda: float = option(0.08, "OWL: layer sparsities stay within target +- lambda", check=_fraction)
+    sensitivity_range: float = option(
+        0.1, "sensitivity: candidate sparsities within target +- this", check=_fraction
+    )
+    refine: bool = option(False, "swap pruned and kept weights that lower each row's error (SparseSwaps)")
+    refine_iterations: int = option(30, "refinement: swap rounds per row at most", check=_positive)
+    refine_candidates: int = option(
+        16, "refinement: candidates searched on each side per round", check=_positive
+    )
+    refine_seconds: float | None = option(None, "refinement: time bound per linear", check=_positive)
+    layer_error: bool | None = option(
+        None, "report each linear's relative error: None where the Gram matrix is at hand, True always"
+    )
     calibration: Calibration = option(
         help="how attnprobe prune records the store (prune.apply ignores it)",
         cli=False,

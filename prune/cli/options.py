@@ -37,6 +37,8 @@ def _parser(name: str, hint: Any):
             except ValueError as err:
                 raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({err})") from None
         for kind in kinds:
+            if kind is bool and text.lower() in ("true", "false", "yes", "no"):
+                return text.lower() in ("true", "yes")
             if kind is int:
                 try:
                     return int(text)

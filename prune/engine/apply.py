@@ -24,8 +24,11 @@ from prune.engine.block_cache import check_offload, host_device
 from prune.engine.distributed import plan_linears, share_steps
 from prune.engine.onload import check_materialized
 from prune.engine.statistics import SinkSettings, activation_norms
-from prune.engine.store_checks import as_store, check_fingerprint, hessians_from_store
+from prune.engine.store_checks import as_store, check_fingerprint, grams_from_store, hessians_from_store
+from prune.methods import allocation as allocation_mod
 from prune.methods import masks as masks_mod
+from prune.methods.layer_error import norm_from_gram
+from prune.methods.refine import RefineSettings, finish_plan
 from prune.methods.sparsegpt import sparsegpt_prune
 from prune.methods.wanda import check_accumulation, magnitude_scores, wanda_scores
 from prune.recipe import DEFAULTS as _D
@@ -117,12 +120,22 @@ class _Selection:
     m: int
     blocksize: int
     percdamp: float
+    refine: RefineSettings | None = None  # mask refinement (prune.refine), or None
 
 
 def _plan_linear(
-    name: str, module: nn.Linear, how: _Selection, norm: Tensor | None, hessian: Tensor | None
+    name: str,
+    module: nn.Linear,
+    how: _Selection,
+    norm: Tensor | None,
+    hessian: Tensor | None,
+    gram: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
-    """Mask, SparseGPT's new weight (or None) and report row of one linear; nothing is modified."""
+    """Mask, SparseGPT's new weight (or None) and report row of one linear; nothing is modified.
+
+    With a Gram matrix (``gram``, or SparseGPT's ``hessian``) the plan is refined when ``how.refine``
+    says so and the row gains the layer's relative error (:mod:`prune.layer_error`).
+    """
     start = time.perf_counter()
     if how.method == "wanda" and norm is None or how.method == "sparsegpt" and hessian is None:
         raise ValueError(f"the store has no statistics for {name}; exclude it with ignore= or re-record")
@@ -148,7 +161,20 @@ def _plan_linear(
         )
         pattern = "unstructured" if how.kind == masks_mod.UNSTRUCTURED else f"{how.n}:{how.m}"
         mask = masks_mod.select_mask(scores, pattern, how.sparsity)
-    row = _report_row(name, module, mask, time.perf_counter() - start)
+    gram = hessian if gram is None else gram
+    extra: dict[str, Any] = {}
+    if gram is not None:
+        n_m = (how.n, how.m) if how.kind == masks_mod.N_M else None
+        resolve = None
+        if how.method == "sparsegpt":
+            resolve = lambda keep: sparsegpt_prune(  # noqa: E731 - re-solve the kept weights for a refined mask
+                module.weight, hessian, how.sparsity, prune_n=how.n, prune_m=how.m,
+                blocksize=how.blocksize, percdamp=how.percdamp, mask=keep,
+            )[0]
+        mask, new_weight, extra = finish_plan(
+            module.weight, mask, new_weight, gram, n_m=n_m, settings=how.refine, resolve=resolve
+        )
+    row = {**_report_row(name, module, mask, time.perf_counter() - start), **extra}
     # One-shot planning holds every linear's plan until all exist: keep them on the host, not the device
     # (SparseGPT's new weights of an 8B model would be a second copy of it there).
     return mask.cpu(), None if new_weight is None else new_weight.cpu(), row
@@ -180,6 +206,15 @@ def apply(
     offload_device: torch.device | str = _D.offload_device,
     cache_dir: str | None = _D.cache_dir,
     strict: bool = _D.strict,
+    allocation: Any = _D.allocation,
+    owl_m: float = _D.owl_m,
+    owl_lambda: float = _D.owl_lambda,
+    sensitivity_range: float = _D.sensitivity_range,
+    refine: bool = _D.refine,
+    refine_iterations: int = _D.refine_iterations,
+    refine_candidates: int = _D.refine_candidates,
+    refine_seconds: float | None = _D.refine_seconds,
+    layer_error: bool | None = _D.layer_error,
     progress: bool = True,
 ) -> PruneResult:
     """Prune ``model`` in place from a calibration store.
@@ -231,6 +266,21 @@ def apply(
             the system's temporary directory); it is deleted when ``apply`` returns or fails.
         strict: raise instead of warning when a weight-bearing block parameter has no adapter and so
             would stay dense (:mod:`prune.coverage`); routers and the user's exclusions never warn.
+        allocation: how ``sparsity`` is spread over the linears (:mod:`prune.allocation`, unstructured
+            only): ``"uniform"``, ``"owl"`` (arXiv 2310.05175, with ``owl_m`` = M and ``owl_lambda`` =
+            λ), ``"sensitivity"`` (each linear's measured error at ``sparsity ± sensitivity_range``,
+            summed error minimised under the global budget), a ``{name regex: sparsity}`` mapping or a
+            callable ``(name, weight) -> sparsity | None``. Computed allocations keep the zeros of all
+            selected weights at ``sparsity`` (within one row); the per-linear values go to
+            ``settings["layer_sparsity"]``.
+        refine: refine each mask by error-lowering 1-swaps within rows under the (sink-weighted)
+            Gram matrix (SparseSwaps, arXiv 2512.10922; :mod:`prune.refine`): at most
+            ``refine_iterations`` swaps per row, ``refine_candidates`` candidates per side, and
+            ``refine_seconds`` per linear. One-shot it needs a store recorded with ``hessians=True``.
+        layer_error: add each linear's relative error ``‖(W − Ŵ)X‖² / ‖WX‖²`` to the report
+            (:mod:`prune.layer_error`). None: when the Gram matrix is at hand (the store's Hessians
+            one-shot; SparseGPT's, refinement's or ``layer_error=True``'s block-wise). True: always
+            (block-wise Wanda then accumulates Hessians instead of norms). False: never.
         progress: show progress bars.
 
     Returns:
@@ -246,6 +296,13 @@ def apply(
         >>> result.report.head()                                                     # doctest: +SKIP
     """
     kind, n, m = _validate(method, sparsity, pattern, accumulate)
+    allocation_mod.check(allocation, kind, owl_m, owl_lambda, sensitivity_range)
+    if refine not in (True, False):
+        raise ValueError(f"refine must be True (SparseSwaps 1-swaps, prune.refine) or False, got {refine!r}")
+    if refine and kind == "structured":
+        raise ValueError("refine=True swaps weights inside rows; pattern='structured' removes whole rows.")
+    refining = RefineSettings(refine_iterations, refine_candidates, refine_seconds) if refine else None
+    refining = refining.check() if refining else None
     if store is None and (method != "magnitude" or sequential):
         raise ValueError(
             f"method={method!r} needs a calibration store; only 'magnitude' runs without one. Record one "
@@ -271,6 +328,7 @@ def apply(
         "sink_alpha": settings.sink_alpha,
         "sink_policy": sink_policy,
         "model_class": type(model).__name__,
+        **_quality_settings(allocation, owl_m, owl_lambda, sensitivity_range, refining),
     }
     if device is not None and not sequential:
         raise ValueError(
@@ -303,11 +361,18 @@ def apply(
     # Mixture-of-experts: fused expert slices join the selection, routers leave it (prune.experts).
     linears, fallbacks = experts_mod.select(model, linears, store, method, targets, ignore)
     left_out = coverage_mod.check_selection(model, linears, strict=strict)
-    how = _Selection(method, float(sparsity), kind, n, m, blocksize, percdamp)
+    how = _Selection(method, float(sparsity), kind, n, m, blocksize, percdamp, refining)
+    gram_needed = refine or allocation == "sensitivity" or layer_error is True
     if sequential:
         onload = (device, offload_device, cache_dir)
+        alloc = (allocation, owl_m, owl_lambda, sensitivity_range)
+        targets = _targets_sequential(
+            model, store, linears, how, alloc, sink_aware, settings, accumulate, onload
+        )
+        meta = _record_targets(meta, targets)
         result = _apply_sequential(
-            model, store, linears, meta, how, sink_aware, settings, accumulate, progress, onload
+            model, store, linears, meta, how, sink_aware, settings, accumulate, progress, onload,
+            targets=targets, grams=refine or layer_error is True,
         )
         result.coverage = coverage_mod.report_selection(model, result.masks, left_out)
         return result
@@ -317,12 +382,32 @@ def apply(
         norms = activation_norms(store, sink_aware=sink_aware, settings=settings, accumulate=accumulate)
     elif method == "sparsegpt":
         hessians = hessians_from_store(store, sink_aware, settings)
-    fallback = replace(how, method="magnitude")  # experts no calibration token was routed to
+    grams = hessians or (
+        {} if layer_error is False else
+        grams_from_store(store, sink_aware, settings, required=gram_needed, why=_why(refine, allocation))
+    )
+    targets = allocation_mod.resolve(
+        allocation, model, {name: module.weight for name, module in linears.items()}, sparsity,
+        norms=lambda: norms or activation_norms(store, sink_aware=sink_aware, settings=settings,
+                                                accumulate=accumulate),
+        curves=lambda candidates: {
+            name: [(s, _error_at(name, module, replace(how, sparsity=s, refine=None), norms, grams))
+                   for s in candidates]
+            for name, module in linears.items() if name in grams and name not in fallbacks
+        },
+        owl_m=owl_m, owl_lambda=owl_lambda, spread=sensitivity_range,
+    )
+    meta = _record_targets(meta, targets)
+
+    def how_for(name: str) -> _Selection:
+        chosen = how if targets is None else replace(how, sparsity=targets[name])
+        return replace(chosen, method="magnitude") if name in fallbacks else chosen
+
     # In a process group each rank plans a share of the linears and receives the rest (prune.distributed).
     plan, rows = plan_linears(
         linears,
         lambda name, module: _plan_linear(
-            name, module, fallback if name in fallbacks else how, norms.get(name), hessians.get(name)
+            name, module, how_for(name), norms.get(name), hessians.get(name), grams.get(name)
         ),
         method=method,
         progress=progress,
@@ -334,6 +419,71 @@ def apply(
     experts_mod.annotate(result.report, fallbacks)
     result.coverage = coverage_mod.report_selection(model, plan, left_out)
     return result
+
+
+def _quality_settings(allocation, owl_m, owl_lambda, spread, refining: RefineSettings | None) -> dict:
+    """The allocation and refinement entries of ``settings`` (saved with masks and checkpoints)."""
+    out: dict[str, Any] = {"allocation": allocation_mod.describe(allocation)}
+    if allocation == "owl":
+        out.update(owl_m=float(owl_m), owl_lambda=float(owl_lambda))
+    if allocation == "sensitivity":
+        out["sensitivity_range"] = float(spread)
+    out["refine"] = "sparseswaps" if refining else False
+    if refining:
+        out.update(
+            refine_iterations=refining.iterations,
+            refine_candidates=refining.candidates,
+            refine_seconds=refining.seconds,
+        )
+    return out
+
+
+def _record_targets(meta: dict, targets: dict[str, float] | None) -> dict:
+    """``settings["layer_sparsity"]``: the per-linear sparsity, passable back as ``allocation=``."""
+    return meta if targets is None else {**meta, "layer_sparsity": dict(targets)}
+
+
+def _why(refine: bool, allocation) -> str:
+    if refine:
+        return "refine=True"
+    return "allocation='sensitivity'" if allocation == "sensitivity" else "layer_error=True"
+
+
+def _error_at(name, module, how: _Selection, norms: dict, grams: dict) -> float:
+    """The relative error of ``module`` pruned by ``how`` (sensitivity's candidates)."""
+    gram = grams[name]
+    hessian = gram if how.method == "sparsegpt" else None
+    return _plan_linear(name, module, how, norms.get(name), hessian, gram)[2]["error"]
+
+
+def _targets_sequential(model, store, linears, how, alloc, sink_aware, settings, accumulate, onload):
+    """Per-linear sparsity for sequential pruning, measured on the dense model (engine pass if needed)."""
+    from prune.engine.allocation_blockwise import measure_dense
+
+    allocation, owl_m, owl_lambda, spread = alloc
+    device, offload_device, cache_dir = onload
+    sinks = settings if sink_aware else None
+
+    def norms() -> dict[str, Tensor]:
+        if store.options.get("linear_stats"):
+            return activation_norms(store, sink_aware=sink_aware, settings=settings, accumulate=accumulate)
+        return measure_dense(model, store, linears, lambda n, mod, g: g.norm(), statistic="sumsq",
+                             sink_settings=sinks, device=device, offload_device=offload_device,
+                             cache_dir=cache_dir)
+
+    def curves(candidates):
+        def curve(name, module, group):
+            gram = group.hessian()
+            chosen = lambda s: replace(how, sparsity=s, refine=None)  # noqa: E731
+            return [(s, _error_at(name, module, chosen(s), {name: norm_from_gram(gram)}, {name: gram}))
+                    for s in candidates]
+
+        return measure_dense(model, store, linears, curve, statistic="hessian", sink_settings=sinks,
+                             device=device, offload_device=offload_device, cache_dir=cache_dir)
+
+    weights = {name: module.weight for name, module in linears.items()}
+    return allocation_mod.resolve(allocation, model, weights, how.sparsity, norms=norms, curves=curves,
+                                  owl_m=owl_m, owl_lambda=owl_lambda, spread=spread)
 
 
 def _write(module: nn.Linear, mask: Tensor, new_weight: Tensor | None) -> None:
@@ -354,9 +504,12 @@ def _report_row(name: str, module: nn.Linear, mask: Tensor, seconds: float) -> d
 def _result(plan: dict[str, tuple[Tensor, Tensor | None]], rows: list[dict], meta: dict) -> PruneResult:
     import pandas as pd
 
-    report = pd.DataFrame(rows, columns=["layer", "shape", "sparsity", "seconds"])
+    columns = ["layer", "shape", "sparsity", "seconds", "error", "error_before", "swaps"]
+    columns = columns[:5] + [c for c in columns[5:] if any(c in row for row in rows)]
+    report = pd.DataFrame(rows, columns=columns)  # error: NaN where no Gram matrix was at hand
     if len(report):
-        logger.info("pruned %d linears, achieved sparsity %.4f", len(report), report["sparsity"].mean())
+        overall = allocation_mod.global_sparsity({name: mask for name, (mask, _) in plan.items()})
+        logger.info("pruned %d linears, achieved sparsity %.4f overall", len(report), overall)
     return PruneResult(
         masks={name: mask.cpu() for name, (mask, _) in plan.items()},
         report=report,
@@ -366,9 +519,14 @@ def _result(plan: dict[str, tuple[Tensor, Tensor | None]], rows: list[dict], met
 
 
 def _apply_sequential(
-    model, store, linears, meta, how: _Selection, sink_aware, settings, accumulate, progress, onload
+    model, store, linears, meta, how: _Selection, sink_aware, settings, accumulate, progress, onload,
+    *, targets=None, grams=False,
 ) -> PruneResult:
-    """Block-wise sequential pruning (:mod:`prune.blockwise`), undone entirely if anything fails."""
+    """Block-wise sequential pruning (:mod:`prune.blockwise`), undone entirely if anything fails.
+
+    ``targets``: per-linear sparsity (allocation); ``grams``: accumulate Hessians for every method
+    (refinement, ``layer_error=True``).
+    """
     from prune.engine.block_experts import ExpertBlockStatistics
     from prune.engine.blockwise import prune_blockwise, steps_from_store
 
@@ -376,13 +534,19 @@ def _apply_sequential(
     host = host_device(offload_device)  # where the rollback copy and SparseGPT's weights are kept
     statistic = {"wanda": "sumsq" if accumulate == "wanda" else "norms", "sparsegpt": "hessian"}
     statistic = statistic.get(how.method)
+    if grams and statistic != "hessian":
+        if how.method == "wanda" and accumulate != "wanda":
+            raise ValueError(
+                "block-wise refinement and layer_error=True measure Hessians and take Wanda's norm from "
+                "their diagonal, which is accumulate='wanda'; pass accumulate='wanda' or prune one-shot."
+            )
+        statistic = "hessian"
     steps = steps_from_store(store, settings if sink_aware else None) if statistic else []
     steps, finish_statistics = share_steps(steps)  # process group: each rank a share, sums all-reduced
     backup: dict[str, Tensor] = {}  # original weights of the blocks pruned so far, on offload_device
     plan: dict[str, tuple[Tensor, Tensor | None]] = {}
     rows = []
     notes: dict[str, str] = {}
-    fallback = replace(how, method="magnitude")  # experts no weighted calibration row reached
 
     def plan_one(name, module, stats):  # module: an nn.Linear, or a fused expert slice (SliceView)
         group = stats.of(name) if stats is not None else None
@@ -392,9 +556,14 @@ def _apply_sequential(
                 "it with ignore= or check that the block calls it"
             )
         starved = stats is not None and stats.starved(name)
-        norm = group.norm() if how.method == "wanda" and not starved else None
-        hessian = group.hessian() if how.method == "sparsegpt" and not starved else None
-        return _plan_linear(name, module, fallback if starved else how, norm, hessian)
+        gram = group.hessian() if group is not None and group.kind == "hessian" and not starved else None
+        norm = None
+        if how.method == "wanda" and not starved:
+            norm = norm_from_gram(gram) if gram is not None else group.norm()
+        hessian = gram if how.method == "sparsegpt" else None
+        chosen = how if targets is None else replace(how, sparsity=targets[name])
+        return _plan_linear(name, module, replace(chosen, method="magnitude") if starved else chosen,
+                            norm, hessian, gram)
 
     def prune_block(block, stats) -> None:
         for name in block.linears:  # on every rank: another rank may plan the linear

@@ -110,3 +110,26 @@ def _check_hessian_coverage(store, stored: dict[str, dict[str, Tensor]]) -> None
             "was interrupted while writing them, or steps were added or removed since. Record the "
             "calibration again (or use sequential=True, which measures Hessians by replaying the steps)."
         )
+
+
+def grams_from_store(store, sink_aware: bool, settings, *, required: bool, why: str) -> dict[str, Tensor]:
+    """The store's Hessians as Gram matrices (plain or sink-weighted), or {} when optional and absent.
+
+    Raises:
+        ValueError: when ``required`` and the store has none (or none for these sink settings).
+    """
+    if store is None or not store.options.get("hessians"):
+        if required:
+            raise ValueError(
+                f"{why} needs the Gram matrix XᵀX of every pruned linear's inputs; one-shot it comes "
+                "from the store's Hessians, and this store has none. Record with "
+                "attnprobe.record(model, path, hessians=True), or pass sequential=True (the engine "
+                "measures them block by block)."
+            )
+        return {}
+    try:
+        return hessians_from_store(store, sink_aware, settings)
+    except ValueError:
+        if required:
+            raise
+        return {}

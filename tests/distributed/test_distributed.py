@@ -139,6 +139,18 @@ def test_wanda_masks_match_one_process(runs, case):
     assert agree / total >= 0.9999
 
 
+@pytest.mark.parametrize("case", ["wanda_sensitivity_refine", "wanda_seq_sensitivity_refine"])
+def test_allocation_and_refinement_agree_across_ranks(runs, case):
+    rank0, rank1 = (r["results"][case]["masks"] for r in runs["ranks"])
+    reference = runs["reference"][case]["masks"]
+    assert rank0.keys() == reference.keys()
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)  # every rank ends with the same model
+    zeros = sum(int((~m).sum()) for m in rank0.values()) / sum(m.numel() for m in rank0.values())
+    assert abs(zeros - 0.5) <= 0.005
+    sparsities = {n: float((~m).float().mean()) for n, m in rank0.items()}
+    assert max(sparsities.values()) - min(sparsities.values()) > 0.01  # the allocation is not uniform
+
+
 @pytest.mark.parametrize("case", ["sparsegpt", "sparsegpt_sink", "sparsegpt_seq"])
 def test_sparsegpt_layer_error_matches_one_process(runs, case):
     dense = dict(runs["model"].named_modules())
