@@ -20,6 +20,9 @@ from prune.masks import select_mask
 from prune.sparsegpt import sparsegpt_prune
 from tests import models
 
+# every test here runs plainly and under the moving device (tests/conftest.py)
+pytestmark = pytest.mark.moving_device
+
 MASK = models.MASK_TOKEN_ID
 
 

@@ -17,6 +17,9 @@ from prune import blockwise
 from tests import models
 from tests.prune.test_blockwise import _record, reference_sequential
 
+# every test here runs plainly and under the moving device (tests/conftest.py)
+pytestmark = pytest.mark.moving_device
+
 META = torch.device("meta")
 
 

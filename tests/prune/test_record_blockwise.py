@@ -16,6 +16,9 @@ import attnprobe
 import prune
 from tests import models
 
+# every test here runs plainly and under the moving device (tests/conftest.py)
+pytestmark = pytest.mark.moving_device
+
 MASK = models.MASK_TOKEN_ID
 CALIBRATION = dict(steps=4, sample_interval=2, seed=3, batch_size=2)
 
