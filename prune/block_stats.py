@@ -115,6 +115,16 @@ class BlockStatistics:
         self._weights: Tensor | None = None
         self._seen: dict[int, tuple[str, weakref.ref]] = {}
 
+    last = True  # one pass measures everything (prune.block_experts splits experts into several)
+
+    def passes(self) -> Iterator[BlockStatistics]:
+        """The passes the block runs over the steps for these statistics: one, measuring every linear."""
+        yield self
+
+    def measures(self, name: str) -> bool:
+        """Whether the current pass measures ``name``."""
+        return name in self.linears
+
     def begin_step(self, weights: Tensor) -> None:
         """Row weights (batch, tokens) of the next forward: sink weight times padding mask."""
         self._weights = weights

@@ -262,9 +262,11 @@ def prune_blockwise(
         model: the model; with ``device`` it may live on the CPU (or any device).
         steps: the calibration steps (input ids, padding, sink weights).
         linear_names: the linears to prune; every block up to the last one holding any of them runs.
-        prune_block: called once per block that holds selected linears, with the block and its
-            finished statistics (None when ``statistic`` is None), while the block is on its compute
-            device; it prunes the block in place.
+        prune_block: called once per pass of each block that holds selected linears, with the block
+            and the pass's finished statistics (None when ``statistic`` is None), while the block is on
+            its compute device; it plans the linears the pass measures (``stats.measures(name)``) and
+            prunes the block in place after the last pass (``stats.last``); a block's weights must not
+            change before that. Plain statistics have one pass.
         statistic: ``"sumsq"``, ``"norms"`` or ``"hessian"`` (:mod:`prune.block_stats`), or None
             (magnitude pruning: no forward at all).
         device: onload each block (and, for the capture, the rest of the model) to this device;
@@ -304,13 +306,15 @@ def prune_blockwise(
         with onloaded(block.module, device):
             run_device = torch.device(device) if device is not None else block_device(block.module)
             if block.linears:
-                stats = make_statistics(block, statistic)
-                with stats.hooks():
-                    for step, entry in zip(steps, cache):
-                        stats.begin_step(step.row_weights(run_device))
-                        entry.run(block.module, run_device)
-                prune_block(block, finish(stats))
-                del stats  # one block's statistics at a time
+                # One pass, or (MoE SparseGPT) one per bounded group of experts: each pass's sums are
+                # planned from and freed before the next; the block is written after its last pass.
+                for stats in make_statistics(block, statistic).passes():
+                    with stats.hooks():
+                        for step, entry in zip(steps, cache):
+                            stats.begin_step(step.row_weights(run_device))
+                            entry.run(block.module, run_device)
+                    prune_block(block, finish(stats))
+                    del stats  # one pass's statistics at a time
             if index + 1 < len(blocks):
                 for entry in cache:
                     entry.hidden = entry.run(block.module, run_device).to(offload_device)
