@@ -89,7 +89,7 @@ def onloaded(
     moved: list[tuple[nn.Module, str, Tensor, bool, Tensor, Departure | None]] = []
     try:
         for module, name, tensor, is_param in _tensors(modules, list(exclude)):
-            original = tensor.data
+            original = tensor.data if is_param else tensor  # a buffer comes back as itself
             departure = Departure(original, target) if moving else None
             if departure is not None:
                 away = departure.away
