@@ -267,7 +267,8 @@ def _independent_sparsegpt(dense, store, *, sequential):
     return masks, model
 
 
-@pytest.mark.parametrize("sequential", [False, True])
+# sequential=True runs plainly and under the moving device (tests/conftest.py)
+@pytest.mark.parametrize("sequential", [False, pytest.param(True, marks=pytest.mark.moving_device)])
 def test_sink_aware_sparsegpt_matches_independent_computation(tmp_path, sequential):
     dense = models.sharpen(models.llama_bidirectional(), 4.0)
     store = _record(copy.deepcopy(dense), tmp_path / "s", hessians=True)
