@@ -76,6 +76,8 @@ def _slice_config(widths: dict, experts: int) -> dict:
     """The model's widths with ``experts`` experts (group-limited routing keeps 2 experts per group)."""
     config = {k: v for k, v in widths.items() if k != "style"}
     config.update(num_experts=experts, num_hidden_layers=1, vocab_size=512, mask_token_id=511)
+    # top-k of a slice: at most every expert (each then sees more tokens than in the model: an upper bound)
+    config["num_experts_per_tok"] = min(config["num_experts_per_tok"], experts)
     if "n_group" in config:
         config.update(n_group=experts // 2, topk_group=min(config["topk_group"], experts // 2))
     return config
