@@ -11,22 +11,26 @@ cached block inputs on the host), at the widths of
   width 512, 1 shared expert, 8 groups / top-4 groups.
 
 Method. A block with all 256 (or 64) experts at full width does not fit a quick CPU run, and its
-peak is dominated by what scales with the experts. So one block of the tests' stand-in models
-(``tests/moe_models.py``, same layouts) is built at full width with a *slice* of ``e`` experts (4 and
-8), bf16, and pruned block-wise in a fresh process; extra = peak RSS − RSS before ``apply`` − what
-``apply`` keeps on the host by design (masks, SparseGPT weights, the rollback copy), as in
-``bench_scale.py``. The slope between the slices is the cost of one more expert *in a pass*
-(its float32 Hessians: (H² + I²) · 4 B, plus its routed rows); the intercept is the rest (attention
-and shared-expert Hessians, SparseGPT's temporaries for one linear, activations). The block's
-experts are measured in passes whose accumulators fit ``prune.block_experts.EXPERT_PASS_BYTES``
-(2 GiB), so the projection is
+peak is dominated by what scales with the experts in one pass. So one block of the tests' stand-in
+models (``tests/moe_models.py``, same layouts) is built at full width with a *slice* of 8 experts
+(top-k capped at 8, so each expert sees more tokens than in the model), bf16, calibrated on one
+window of L = 128 (2 noise levels), and pruned block-wise in a fresh process; extra = peak RSS − RSS
+before ``apply`` − what ``apply`` keeps on the host by design (masks, SparseGPT weights, the rollback
+copy), as in ``bench_scale.py``. The projection to E experts:
 
-    peak(E) = block bf16 weights(E) + intercept + slope · min(E, experts per pass)
+    peak(E) = block bf16 weights(E) + P · A + (extra − 8 · A) + activations(L = 4096)
 
-with the intercept's activation part extrapolated linearly in L from L = 128 and L = 256 to
-L = 4096 (an upper bound on a GPU: CPU SDPA and allocator slack are included). Usage:
-``python benchmarks/bench_moe_block.py``; last line JSON. ``bench_scale.py`` reports the
-same mapping.
+- ``A`` = one expert's float32 Hessians, (H² + I²) · 4 B (exact: the accumulators of
+  ``prune.block_experts``), and ``P`` = the experts in the largest pass: min(E, EXPERT_PASS_BYTES // A)
+  with ``EXPERT_PASS_BYTES`` = 2 GiB;
+- ``extra − 8 · A`` is the measured rest of the slice (attention and shared-expert Hessians,
+  SparseGPT's float32 temporaries for one linear, one expert's routed rows, activations at L = 128);
+- activations at L = 4096: an allowance of 16 float32 (L, H) tensors (512 MiB at H = 2048), not a
+  measurement; the 8B-width block of ``bench_scale.py`` showed almost no growth of the extra peak
+  from L = 256 to L = 1024.
+
+Usage: ``python benchmarks/bench_moe_block.py``; last line JSON. ``bench_scale.py`` reports the same
+mapping.
 """
 
 from __future__ import annotations
@@ -67,9 +71,10 @@ MODELS = {
         topk_group=4,
     ),
 }
-SLICES = (4, 8)
-LENGTHS = (128, 256)
+SLICE = 8  # experts in the measured block
+LENGTH = 128  # calibration tokens of the measured block
 TARGET_LENGTH = 4096
+ACTIVATION_TENSORS = 16  # float32 (L, H) tensors allowed for one step's activations at TARGET_LENGTH
 
 
 def _slice_config(widths: dict, experts: int) -> dict:
@@ -136,31 +141,29 @@ def block_weight_bytes(widths: dict) -> int:
 
 
 def project(name: str) -> dict:
-    """Measure the slices of one model and project its block's device peak (module docstring)."""
+    """Measure the slice of one model and project its block's device peak (module docstring)."""
     from prune.block_experts import EXPERT_PASS_BYTES
 
     widths = MODELS[name]
-    small, large = SLICES
-    short, long = LENGTHS
-    at = {(e, long): _run(name, e, long) for e in SLICES}
-    at[(small, short)] = _run(name, small, short)
-    print(f"{name}: {at}", flush=True)
-    slope = max(0.0, (at[(large, long)]["extra"] - at[(small, long)]["extra"]) / (large - small))
-    intercept = at[(small, long)]["extra"] - slope * small
-    per_token = max(0.0, (at[(small, long)]["extra"] - at[(small, short)]["extra"]) / (long - short))
-    intercept += per_token * (TARGET_LENGTH - long)
-    per_pass = min(widths["num_experts"], max(1, EXPERT_PASS_BYTES // expert_bytes(widths)))
-    peak = block_weight_bytes(widths) + intercept + slope * per_pass
+    measured = _run(name, SLICE, LENGTH)
+    print(f"{name}: {SLICE} experts, L = {LENGTH}: {measured}", flush=True)
+    per_expert = expert_bytes(widths)
+    rest = measured["extra"] - SLICE * per_expert
+    activations = ACTIVATION_TENSORS * TARGET_LENGTH * widths["hidden_size"] * 4
+    per_pass = min(widths["num_experts"], max(1, EXPERT_PASS_BYTES // per_expert))
+    weights = block_weight_bytes(widths)
+    peak = weights + per_pass * per_expert + rest + activations
     return {
         "peak_gib": peak / GIB,
-        "block_weights_gib": block_weight_bytes(widths) / GIB,
-        "per_expert_mib": slope / 2**20,
-        "per_expert_hessians_mib": expert_bytes(widths) / 2**20,
-        "intercept_gib": intercept / GIB,
+        "block_weights_gib": weights / GIB,
+        "expert_hessians_mib": per_expert / 2**20,
         "experts_per_pass": per_pass,
         "passes": -(-widths["num_experts"] // per_pass),
-        # the same block with every expert's Hessians at once (before passes)
-        "one_pass_peak_gib": (block_weight_bytes(widths) + intercept + slope * widths["num_experts"]) / GIB,
+        "slice_extra_gib": measured["extra"] / GIB,
+        "slice_rest_gib": rest / GIB,
+        "activations_gib": activations / GIB,
+        # the same block with every expert's Hessians at once (one pass)
+        "one_pass_peak_gib": (peak + (widths["num_experts"] - per_pass) * per_expert) / GIB,
     }
 
 

@@ -22,7 +22,7 @@ if _ROOT not in sys.path:
 # with ATTNPROBE_MOVING_DEVICE=1 (prune.moving_device): every onload copies into fresh storage and the
 # host copies are NaN while their block is away, as on a real accelerator. The variable is set in the
 # environment, so processes the test spawns (a process group) move too. Every test added to a marked
-# module runs both ways.
+# module runs both ways. (A mark on one pytest.param is not seen here: mark the whole test.)
 
 
 ONLOAD_MODES = ("plain", "moving")

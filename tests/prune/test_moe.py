@@ -99,8 +99,8 @@ def test_expert_masks_equal_independent_per_expert_wanda(build, sink_aware):
     assert "model.layers.0.mlp.gate" not in result.masks  # routers stay dense unless targeted
 
 
-# sequential=True runs plainly and under the moving device (tests/conftest.py)
-@pytest.mark.parametrize("sequential", [False, pytest.param(True, marks=pytest.mark.moving_device)])
+@pytest.mark.moving_device  # sequential=True: plainly and under the moving device (tests/conftest.py)
+@pytest.mark.parametrize("sequential", [False, True])
 def test_expert_without_tokens_falls_back_to_magnitude(sequential):
     model = moe_models.llada2_style(fused=True)
     with torch.no_grad():
