@@ -37,13 +37,21 @@ from attnprobe.distributed import (
     shard_range,
     world_size,
 )
-from attnprobe.layout.experts import ExpertSet, discover_experts, expert_weight, reduce_experts
+from attnprobe.layout.experts import (
+    ExpertSet,
+    discover_experts,
+    expert_activation,
+    expert_weight,
+    reduce_experts,
+    routed_rows,
+)
 from attnprobe.layout.experts import attach as attach_expert_hooks
 from attnprobe.layout.registry import ModelLayout, discover
 from attnprobe.moved_modules import alias_moved_modules
 from attnprobe.recording.block_mass import BlockMassRecording
 from attnprobe.recording.linear_stats import reduce_inputs
 from attnprobe.recording.record import Recording, record
+from attnprobe.recording.row_stats import row_statistics
 from attnprobe.store.fingerprint import fingerprint_problems, model_fingerprint
 from attnprobe.store.opening import open_store as open
 from attnprobe.store.reader import StoreError, TrajectoryStore
@@ -119,5 +127,8 @@ __all__ = [
     "open",
     "record",
     "reduce_inputs",
+    "routed_rows",
+    "row_statistics",
+    "expert_activation",
     "__version__",
 ]

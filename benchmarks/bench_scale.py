@@ -24,7 +24,11 @@
   linearly in steps (memory) and in step size (disk). ``projected_host_retained_gib``: what ``apply``
   keeps by design besides (masks, rollback copy; SparseGPT's weights), not in those figures.
 
-Usage: ``python benchmarks/bench_scale.py [--quick] [--skip-8b] [--only-host]``; last line JSON.
+- ``moe_block_device_peak_gib``: ``{model: GiB}``, the device peak of one MoE block with block-wise
+  SparseGPT at the widths of LLaDA-MoE-7B-A1B and LLaDA2.0-mini, projected from a slice of experts
+  measured on the CPU (``benchmarks/bench_moe_block.py`` explains the method).
+
+Usage: ``python benchmarks/bench_scale.py [--quick] [--skip-8b] [--skip-moe] [--only-host]``; last line JSON.
 """
 
 from __future__ import annotations
@@ -274,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer windows and one repeat")
     parser.add_argument("--skip-8b", action="store_true", help="only the depth scaling (minutes saved)")
     parser.add_argument("--only-host", action="store_true", help="only the host-memory projection")
+    parser.add_argument("--skip-moe", action="store_true", help="no MoE block projection (minutes saved)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--host-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -296,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         result.update(depth_scaling(Path(tmp), windows, 1 if args.quick else 3))
         if not args.skip_8b:
             result.update(eight_b(Path(tmp)))
+    if not args.skip_moe:
+        from bench_moe_block import moe_block_device_peak  # a sibling script (benchmarks/ is on sys.path)
+
+        result.update(moe_block_device_peak())
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
     return 0
 

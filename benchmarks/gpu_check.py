@@ -10,7 +10,15 @@
    L = 4096): ``torch.cuda.max_memory_allocated`` during apply, seconds per block, and the achieved
    sparsity. With onloading the device peak must not depend on the number of blocks.
 
-``--small`` shrinks every size so that the script can be checked on a CPU (no numbers to report).
+4. ``moe_*``: a transformers Qwen3-MoE (fused 3-D experts) at LLaDA-MoE-7B-A1B widths (hidden 2048,
+   16 heads, 64 experts of width 1024, top-8), 2 blocks, on the CPU, onloaded block by block
+   (``device="cuda:0"``) with sink-aware Wanda and with SparseGPT (L = 2048): device peak, seconds
+   per block, and the fused experts' sparsity *read back from the model* (0.5 unless a write went
+   astray, as the stale expert views of issue 19 did).
+
+``--small`` shrinks every size so that the script can be checked on a CPU (no numbers to report); on
+a CPU the MoE case runs under the moving device (``prune.onload.moving_device``), so that its onloads
+copy and poison as a real move would.
 Last line JSON. Usage: ``python benchmarks/gpu_check.py [--small]``.
 """
 
@@ -132,6 +140,67 @@ def blockwise(device: str, widths: dict, layers: int, length: int, tmp: Path) ->
     }
 
 
+def build_moe(widths: dict, layers: int, device: str) -> torch.nn.Module:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=VOCAB,
+        num_hidden_layers=layers,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=8192,
+        is_causal=False,
+        mask_token_id=MASK,
+        attn_implementation="sdpa",
+        **widths,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3MoeForCausalLM(config)
+    return model.to(torch.bfloat16).eval()
+
+
+def moe_blockwise(device: str, widths: dict, layers: int, length: int, tmp: Path) -> dict:
+    import attnprobe
+    import prune
+    from prune.engine.onload import moving_device
+
+    model = build_moe(widths, layers, device)
+    ids = torch.randint(0, MASK, (1, length), generator=torch.Generator().manual_seed(0))
+    with attnprobe.record(model, tmp / "moe", mask_token_id=MASK, linear_stats=False) as store:
+        attnprobe.calibrate(
+            model, ids.to(device), mask_token_id=MASK, steps=4, sample_interval=2, progress=False
+        )
+    model.to("cpu")
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out: dict = {"moe_length": length, "moe_blocks": layers, "moe_experts": widths["num_experts"]}
+    for method in ("wanda", "sparsegpt"):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(dense[name])
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
+        start = time.perf_counter()
+        with moving_device(device == "cpu"):  # on a CPU: copy and poison as a real move would
+            prune.apply(
+                model, store, 0.5, method=method, sink_aware=True, sequential=True, device=device,
+                progress=False,
+            )
+        sync(device)
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() - base if device.startswith("cuda") else 0
+        experts = [p for n, p in model.named_parameters() if ".experts." in n]
+        zeros = sum(int((p == 0).sum()) for p in experts) / sum(p.numel() for p in experts)
+        out.update({
+            f"moe_{method}_device_peak_gib": peak / 2**30,
+            f"moe_{method}_block_seconds": seconds / layers,
+            f"moe_{method}_expert_sparsity": zeros,
+        })
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny sizes; runs on a CPU")
@@ -143,11 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.small:
         widths = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=4, intermediate_size=384)
         layers, length, pairs = 2, 128, 2
+        moe = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                   intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
+        moe_length = 64
     else:
         widths = dict(
             hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, intermediate_size=12288
         )
         layers, length, pairs = 8, 4096, 5
+        moe = dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, head_dim=128,
+                   intermediate_size=8192, moe_intermediate_size=1024, num_experts=64, num_experts_per_tok=8)
+        moe_length = 2048
     result = {
         "device": torch.cuda.get_device_name(0) if device != "cpu" else "cpu",
         "torch": torch.__version__,
@@ -157,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda: exactness(device, args.small, Path(tmp)),
             lambda: overhead(device, widths, layers, length, Path(tmp), pairs),
             lambda: blockwise(device, widths, layers, length, Path(tmp)),
+            lambda: moe_blockwise(device, moe, 2, moe_length, Path(tmp)),
         ):
             result.update(part())
             print(json.dumps(result), flush=True)  # partial results survive a timeout

@@ -29,6 +29,7 @@ def row_statistics(
     squares: Mapping[str, Tensor] | None = None,
     sums: Mapping[str, Tensor] | None = None,
     grams: Mapping[str, Tensor] | None = None,
+    into: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Weighted per-sample sums of squares, weighted per-sample sums and weighted Gram matrices of ``rows``.
 
@@ -41,6 +42,8 @@ def row_statistics(
         sums: ``{name: c}`` likewise without the square: ``out[name][b, j] = Σ_{r in b} c_r · x_rj``.
         grams: ``{name: g}`` with ``g`` (n,) row weights: ``out[name] = Σ_r (g_r x_r)(g_r x_r)ᵀ``,
             shape (in, in).
+        into: existing float32 accumulators on ``rows``' device to add to, by name, instead of new
+            zeros (a running Gram matrix is summed in place: no second (in, in) buffer).
 
     Returns:
         The requested statistics, float32 on ``rows``' device.

@@ -4,7 +4,9 @@ Phases stay visible: statistics (from the store, or by running its recorded inpu
 :mod:`prune.blockwise`) → scores → masks → apply. One-shot pruning computes every mask before any
 weight changes, so a failure anywhere leaves the model untouched. Sequential pruning must change block
 i before it can measure block i + 1; it copies each block's weights to ``offload_device`` before
-writing them and restores every written block if anything fails.
+writing them and restores every written block if anything fails. Either way, every weight written is
+then read back from the model and its zeros must cover its mask (:mod:`prune.write_check`); if not,
+every weight is restored and :class:`prune.write_check.WriteCheckError` names the failures.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 
 from prune.engine import coverage as coverage_mod
 from prune.engine import experts as experts_mod
+from prune.engine import write_check
 from prune.engine.block_cache import check_offload, host_device
 from prune.engine.distributed import plan_linears, share_steps
 from prune.engine.onload import check_materialized
@@ -46,7 +49,8 @@ class PruneResult:
 
     Attributes:
         masks: ``{module name: bool keep-mask (out, in)}``, True = kept.
-        report: one row per pruned linear: layer, shape, sparsity (achieved), seconds.
+        report: one row per pruned linear: layer, shape, sparsity (zeros of the weight read back from
+            the model after the write), seconds.
         settings: method, sparsity, pattern and sink parameters (saved with the masks).
         weights: for SparseGPT, the reconstructed kept weights ``{name: Tensor}`` (CPU), since the
             mask alone does not reproduce them.
@@ -290,6 +294,8 @@ def apply(
         ValueError: bad arguments, a store from another model or checkpoint or lacking what the method
             needs, or NaN/Inf statistics. The model is left untouched.
         TypeError: ``store`` is not a store, a closed recording or a path.
+        prune.write_check.WriteCheckError: a weight read back after the write is not zero where its
+            mask prunes; every weight was restored first.
 
     Example:
         >>> result = prune.apply(model, store, 0.5, method="wanda", sink_aware=True)  # doctest: +SKIP
@@ -412,10 +418,16 @@ def apply(
         method=method,
         progress=progress,
     )
-    # Every mask exists: only now touch the weights.
-    for name, (mask, new_weight) in plan.items():
-        _write(linears[name], mask, new_weight)
-    result = _result(plan, rows, meta)
+    # Every mask exists: only now touch the weights (a host copy first, to undo a failed write check).
+    backup = {name: linears[name].weight.detach().to("cpu", copy=True) for name in plan}
+    try:
+        for name, (mask, new_weight) in plan.items():
+            _write(linears[name], mask, new_weight)
+        _check_written(linears, plan)
+    except BaseException:
+        _restore(linears, backup)
+        raise
+    result = _result(plan, write_check.measured_rows(linears, rows), meta)
     experts_mod.annotate(result.report, fallbacks)
     result.coverage = coverage_mod.report_selection(model, plan, left_out)
     return result
@@ -484,6 +496,16 @@ def _targets_sequential(model, store, linears, how, alloc, sink_aware, settings,
     weights = {name: module.weight for name, module in linears.items()}
     return allocation_mod.resolve(allocation, model, weights, how.sparsity, norms=norms, curves=curves,
                                   owl_m=owl_m, owl_lambda=owl_lambda, spread=spread)
+
+
+def _check_written(linears: dict[str, Any], plan: dict[str, tuple[Tensor, Tensor | None]]) -> None:
+    """Read every written weight back from the model: its zeros must cover its mask (prune.write_check)."""
+    write_check.check_written(linears, {name: mask for name, (mask, _) in plan.items()})
+
+
+def _restore(linears: dict[str, Any], backup: dict[str, Tensor]) -> None:
+    for name, weight in backup.items():
+        linears[name].weight.copy_(weight.to(linears[name].weight.device))
 
 
 def _write(module: nn.Linear, mask: Tensor, new_weight: Tensor | None) -> None:
@@ -565,22 +587,30 @@ def _apply_sequential(
         return _plan_linear(name, module, replace(chosen, method="magnitude") if starved else chosen,
                             norm, hessian, gram)
 
+    pending: dict[str, tuple[Tensor, Tensor | None]] = {}  # the block's plans until its last pass
+
     def prune_block(block, stats) -> None:
-        for name in block.linears:  # on every rank: another rank may plan the linear
+        # The linears this pass measured (MoE SparseGPT: one bounded group of experts per pass).
+        names = [name for name in block.linears if stats is None or stats.measures(name)]
+        for name in names:  # on every rank: another rank may plan the linear
             if stats is not None and stats.of(name) is not None and stats.starved(name):
                 notes[name] = experts_mod.FALLBACK_NOTE
         # In a process group each rank plans a share of the block's linears (prune.distributed).
         block_plan, block_rows = plan_linears(
-            {name: linears[name] for name in block.linears},
+            {name: linears[name] for name in names},
             lambda name, module: plan_one(name, module, stats),
             method=how.method,
             progress=False,
         )
         rows.extend(block_rows)
-        for name, (mask, new_weight) in block_plan.items():  # the whole block planned: now write it
+        pending.update(block_plan)
+        if stats is not None and not stats.last:
+            return  # the block's later passes must run it dense
+        for name, (mask, new_weight) in pending.items():  # the whole block planned: now write it
             backup[name] = linears[name].weight.detach().to(host, copy=True)
             _write(linears[name], mask, new_weight)
             plan[name] = (mask.cpu(), None if new_weight is None else new_weight.to(host))
+        pending.clear()
 
     try:
         prune_blockwise(
@@ -596,11 +626,11 @@ def _apply_sequential(
             statistics=ExpertBlockStatistics,
             progress=progress,
         )
+        _check_written(linears, plan)  # every block is home again: read the weights where they live
     except BaseException:
-        for name, weight in backup.items():
-            linears[name].weight.copy_(weight.to(linears[name].weight.device))
+        _restore(linears, backup)
         raise
-    result = _result(plan, rows, meta)
+    result = _result(plan, write_check.measured_rows(linears, rows), meta)
     experts_mod.annotate(result.report, notes)
     return result
 

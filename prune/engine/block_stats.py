@@ -23,13 +23,11 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from attnprobe import row_statistics
 from prune.methods.wanda import accumulation_term, finish_norm
 
 KINDS = ("sumsq", "norms", "hessian")
 _ACCUMULATE = {"sumsq": "wanda", "norms": "reference"}  # the input-norm kinds, as prune.wanda names them
-
-# Rows of (batch · tokens) reduced at once: bounds the float32 temporaries of a bf16 activation.
-_ROWS_PER_CHUNK = 4096
 
 
 class InputStatistics:
@@ -56,22 +54,31 @@ class InputStatistics:
         ``weights`` already holds the padding mask (0 on padding); both are moved to ``x``'s device.
         """
         batch, tokens, width = x.shape
-        weights = weights.to(device=x.device, dtype=torch.float32)
+        sample = torch.arange(batch, device=x.device).repeat_interleave(tokens)
+        self.add_rows(x.reshape(-1, width), weights.reshape(-1), sample, batch)
+
+    @torch.no_grad()
+    def add_rows(self, rows: Tensor, weights: Tensor, sample: Tensor, batch: int) -> None:
+        """Add input rows (n, in) of ``batch`` sequences: row r belongs to sequence ``sample[r]`` and
+        counts with weight ``weights[r]`` (sink weight times padding mask; an expert's routed rows).
+
+        One reduction (:func:`attnprobe.row_statistics`) and one accumulation (Wanda's
+        :func:`prune.methods.wanda.accumulation_term`) for dense linears and experts alike.
+        """
+        width, device = rows.shape[-1], rows.device
+        weights = weights.to(device=device, dtype=torch.float32)
         if self.total is None:
             shape = (width, width) if self.kind == "hessian" else (width,)
-            self.total = torch.zeros(shape, dtype=torch.float32, device=x.device)
-            self.nsamples = torch.zeros((), dtype=torch.float32, device=x.device)
-        chunk = max(1, _ROWS_PER_CHUNK // max(tokens, 1))
-        for b0 in range(0, batch, chunk):
-            xb = x[b0 : b0 + chunk].to(torch.float32)  # (chunk, tokens, in)
-            wb = weights[b0 : b0 + chunk]
-            if self.kind == "hessian":
-                rows = (xb * wb[..., None]).reshape(-1, width)
-                self.total.addmm_(rows.T, rows)
-                continue
-            # (chunk, 1, tokens) x (chunk, tokens, in) -> per-sequence Σ_t w² x², no (t, in) temporary
-            per_seq = torch.bmm(wb.square()[:, None, :], xb.square()).squeeze(1)
-            self.total.add_(accumulation_term(per_seq, _ACCUMULATE[self.kind]))
+            self.total = torch.zeros(shape, dtype=torch.float32, device=device)
+            self.nsamples = torch.zeros((), dtype=torch.float32, device=device)
+        if self.kind == "hessian":  # Σ (w x)(w x)ᵀ, summed in place where the accumulator lives
+            into = {"gram": self.total} if self.total.device == device else None
+            gram = row_statistics(rows, sample, batch, grams={"gram": weights}, into=into)["gram"]
+            if into is None:
+                self.total.add_(gram.to(self.total.device))
+        else:  # Σ_t (w x)² per sequence, then Wanda's accumulation over sequences
+            per_seq = row_statistics(rows, sample, batch, squares={"sumsq": weights.square()})["sumsq"]
+            self.total.add_(accumulation_term(per_seq, _ACCUMULATE[self.kind]).to(self.total.device))
         self.nsamples.add_(batch)
 
     def norm(self) -> Tensor:
@@ -114,6 +121,16 @@ class BlockStatistics:
         self._group_of: dict[str, str] = {}
         self._weights: Tensor | None = None
         self._seen: dict[int, tuple[str, weakref.ref]] = {}
+
+    last = True  # one pass measures everything (prune.block_experts splits experts into several)
+
+    def passes(self) -> Iterator[BlockStatistics]:
+        """The passes the block runs over the steps for these statistics: one, measuring every linear."""
+        yield self
+
+    def measures(self, name: str) -> bool:
+        """Whether the current pass measures ``name``."""
+        return name in self.linears
 
     def begin_step(self, weights: Tensor) -> None:
         """Row weights (batch, tokens) of the next forward: sink weight times padding mask."""

@@ -276,9 +276,11 @@ def prune_blockwise(
         model: the model; with ``device`` it may live on the CPU (or any device).
         steps: the calibration steps (input ids, padding, sink weights).
         linear_names: the linears to prune; every block up to the last one holding any of them runs.
-        prune_block: called once per block that holds selected linears, with the block and its
-            finished statistics (None when ``statistic`` is None), while the block is on its compute
-            device; it prunes the block in place.
+        prune_block: called once per pass of each block that holds selected linears, with the block
+            and the pass's finished statistics (None when ``statistic`` is None), while the block is on
+            its compute device; it plans the linears the pass measures (``stats.measures(name)``) and
+            prunes the block in place after the last pass (``stats.last``); a block's weights must not
+            change before that. Plain statistics have one pass.
         statistic: ``"sumsq"``, ``"norms"`` or ``"hessian"`` (:mod:`prune.block_stats`), or None
             (magnitude pruning: no forward at all).
         device: onload each block (and, for the capture, the rest of the model) to this device;
@@ -325,25 +327,15 @@ def prune_blockwise(
         except Exception as err:
             failure = _hold(err)
         for index, block in enumerate(bar):
-            stats = None
             with onloaded(block.module, device):
                 run_device = torch.device(device) if device is not None else block_device(block.module)
                 if block.linears:
-                    if failure is None:
-                        try:
-                            stats = make_statistics(block, statistic)
-                            with stats.hooks():
-                                for step, entry in zip(steps, cache):
-                                    stats.begin_step(step.row_weights(run_device))
-                                    entry.run(block.module, run_device)
-                        except Exception as err:
-                            failure = _hold(err)
-                    raise_if_any_failed(failure, "block-wise pruning")
-                    try:
-                        prune_block(block, finish(stats))
-                    except Exception as err:
-                        failure = _hold(err)
-                    del stats  # one block's statistics at a time
+                    passes = _passes(make_statistics, block, statistic) if failure is None else [None]
+                    for stats in passes:
+                        failure = _prune_pass(
+                            block, stats, steps, cache, run_device, failure, prune_block, finish
+                        )
+                        del stats  # one pass's statistics at a time
                 if index + 1 < len(blocks) and failure is None:
                     try:
                         for number, entry in enumerate(cache):
@@ -351,6 +343,31 @@ def prune_blockwise(
                     except Exception as err:
                         failure = _hold(err)
         raise_if_any_failed(failure, "block-wise pruning")
+
+
+def _passes(make_statistics, block, statistic):
+    """One statistics pass, or (MoE SparseGPT) one per bounded group of experts: each pass's sums are
+    planned from and freed before the next; the block is written after its last pass."""
+    return make_statistics(block, statistic).passes()
+
+
+def _prune_pass(block, stats, steps, cache, run_device, failure, prune_block, finish):
+    """Gather one pass's statistics over every step, then plan (and after the last pass, write) the
+    block. A failure is held until the collective (``finish``'s all-reduce) and returned."""
+    if stats is not None and failure is None:
+        try:
+            with stats.hooks():
+                for step, entry in zip(steps, cache):
+                    stats.begin_step(step.row_weights(run_device))
+                    entry.run(block.module, run_device)
+        except Exception as err:
+            failure = _hold(err)
+    raise_if_any_failed(failure, "block-wise pruning")
+    try:
+        prune_block(block, finish(stats))
+    except Exception as err:
+        failure = _hold(err)
+    return failure
 
 
 def _hold(error: Exception) -> Exception:

@@ -28,10 +28,21 @@ FALLBACK_NOTE = "magnitude: no calibration token was routed to this expert"
 
 @dataclass
 class SliceView:
-    """One expert's (out, in) weight, a view into its 3-D parameter, shaped like an ``nn.Linear``."""
+    """One expert's (out, in) weight inside its 3-D parameter, shaped like an ``nn.Linear``.
+
+    ``weight`` is a fresh view ``getattr(owner, param)[expert]`` at every access, never one kept
+    from earlier: onloading swaps the parameter's storage (host → device → host), and a view taken
+    before the block was onloaded would read and write the stale host copy.
+    """
 
     name: str
-    weight: Tensor
+    owner: nn.Module
+    param: str
+    expert: int
+
+    @property
+    def weight(self) -> Tensor:
+        return getattr(self.owner, self.param)[self.expert]
 
     @property
     def out_features(self) -> int:
@@ -61,7 +72,7 @@ def fused_slices(model: nn.Module, sets: list[ExpertSet]) -> dict[str, SliceView
         owner = modules[es.name]
         for name in es.weight_names():
             param, expert = name[len(es.name) + 1 :].rsplit(".", 1)
-            out[name] = SliceView(name, getattr(owner, param)[int(expert)])
+            out[name] = SliceView(name, owner, param, int(expert))
     return out
 
 

@@ -6,6 +6,11 @@ the given modules, except those under ``exclude``, and puts each back on its own
 the block is done. Parameters keep their identity (``param.data`` is swapped), so optimizer-free
 references such as tied embeddings and the caller's dict of linears stay valid.
 
+On a machine without an accelerator, ``device="cpu"`` moves nothing, so this path would never run in
+tests: the *moving device* (:mod:`prune.moving_device`; ``ATTNPROBE_MOVING_DEVICE=1`` or
+``with moving_device():``) makes every onload copy into fresh storage and poison the host copies with
+NaN while the block is away, exactly as a real move would expose a stale view of a weight.
+
 Weights that accelerate has offloaded (meta tensors whose values live in a hook's weights map) cannot
 be moved or pruned here: :func:`check_materialized` refuses them with a pointer to ``device=``.
 """
@@ -18,6 +23,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from prune.engine import moving_device as moving_device_mod
+from prune.engine.moving_device import Departure, moving_device
+
+__all__ = ["block_device", "check_materialized", "moving_device", "onloaded", "streamed", "to_device"]
 
 
 def to_device(value: Any, device: torch.device | str | None) -> Any:
@@ -65,29 +75,40 @@ def onloaded(
 
     On exit (also after an error) each tensor is its original one again, on its original device; with
     ``write_back`` the values it was given meanwhile (pruned weights) are first copied into it, without
-    allocating new host memory. ``device=None`` moves nothing.
+    allocating new host memory. ``device=None`` moves nothing. Under the moving device
+    (:mod:`prune.moving_device`: ``ATTNPROBE_MOVING_DEVICE=1`` or :func:`moving_device`) every tensor is
+    copied into fresh storage (on its own device when ``device=None``) and its host copy is NaN while
+    away, as a real move would make any stale view of it.
     """
-    if device is None:
+    moving = moving_device_mod.enabled()
+    if device is None and not moving:
         yield
         return
-    target = torch.device(device)
+    target = torch.device(device) if device is not None else None
     modules = [modules] if isinstance(modules, nn.Module) else list(modules)
-    moved: list[tuple[nn.Module, str, Tensor, bool, Tensor]] = []
+    moved: list[tuple[nn.Module, str, Tensor, bool, Tensor, Departure | None]] = []
     try:
         for module, name, tensor, is_param in _tensors(modules, list(exclude)):
-            if tensor.device == target:
+            original = tensor.data if is_param else tensor  # a buffer comes back as itself
+            departure = Departure(original, target) if moving else None
+            if departure is not None:
+                away = departure.away
+            elif tensor.device == target:
                 continue
-            original = tensor.data
-            if is_param:
-                tensor.data = original.to(target, non_blocking=True)
             else:
-                setattr(module, name, original.to(target, non_blocking=True))
-            moved.append((module, name, tensor, is_param, original))
+                away = original.to(target, non_blocking=True)
+            if is_param:
+                tensor.data = away
+            else:
+                setattr(module, name, away)
+            moved.append((module, name, tensor, is_param, original, departure))
         yield
     finally:
-        for module, name, tensor, is_param, original in reversed(moved):
+        for module, name, tensor, is_param, original, departure in reversed(moved):
             current = tensor.data if is_param else getattr(module, name)
-            if write_back:
+            if departure is not None:
+                departure.come_back(current, write_back)
+            elif write_back:
                 original.copy_(current)
             if is_param:
                 tensor.data = original

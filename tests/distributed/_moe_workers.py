@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 import attnprobe
 import prune
+from prune.engine import block_experts
 from tests import moe_models
 
 CALIBRATION = dict(mask_token_id=moe_models.MASK_TOKEN_ID, steps=4, sample_interval=2, batch_size=1, seed=3)
 CASES = {
     "wanda_sink": dict(method="wanda", sink_aware=True),
-    "wanda_sink_seq": dict(method="wanda", sink_aware=True, sequential=True),
+    "wanda_sink_seq": dict(method="wanda", sink_aware=True, sequential=True, device="cpu"),
+    # expert Hessians in passes of one expert each (prune.block_experts), all-reduced pass by pass
+    "sparsegpt_seq_passes": dict(method="sparsegpt", sequential=True, device="cpu", blocksize=16),
 }
 
 
@@ -27,8 +31,19 @@ def prune_cases(net, path: Path) -> dict[str, dict[str, torch.Tensor]]:
         attnprobe.calibrate(net, windows(), progress=False, **CALIBRATION)
     out = {}
     for case, options in CASES.items():
-        out[case] = prune.apply(copy.deepcopy(net), store, 0.5, progress=False, **options).masks
+        budget = 1 if case.endswith("_passes") else block_experts.EXPERT_PASS_BYTES
+        with _pass_bytes(budget):
+            out[case] = prune.apply(copy.deepcopy(net), store, 0.5, progress=False, **options).masks
     return out
+
+
+@contextmanager
+def _pass_bytes(budget: int):
+    saved, block_experts.EXPERT_PASS_BYTES = block_experts.EXPERT_PASS_BYTES, budget
+    try:
+        yield
+    finally:
+        block_experts.EXPERT_PASS_BYTES = saved
 
 
 def ranks(rank: int, world: int, tmp: str) -> None:

@@ -141,6 +141,7 @@ def test_n_m_pattern_valid_and_embeddings_untouched(tmp_path):
     assert result.report["sparsity"].between(0.4999, 0.5001).all()
 
 
+@pytest.mark.moving_device  # plainly and under the moving device (tests/conftest.py)
 def test_sequential_first_block_equals_one_shot(tmp_path):
     model = models.tiny_llada()
     store = _record(model, tmp_path / "s", _calibration_ids(), linear_stats=True)

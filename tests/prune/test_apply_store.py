@@ -267,6 +267,7 @@ def _independent_sparsegpt(dense, store, *, sequential):
     return masks, model
 
 
+@pytest.mark.moving_device  # sequential=True: plainly and under the moving device (tests/conftest.py)
 @pytest.mark.parametrize("sequential", [False, True])
 def test_sink_aware_sparsegpt_matches_independent_computation(tmp_path, sequential):
     dense = models.sharpen(models.llama_bidirectional(), 4.0)
@@ -294,4 +295,8 @@ def test_sink_aware_sparsegpt_matches_independent_computation(tmp_path, sequenti
         assert (result.masks[name] == mask).float().mean() > 0.99, name
     mine, theirs = dict(model.named_modules()), dict(expected.named_modules())
     for name in masks:
-        torch.testing.assert_close(mine[name].weight, theirs[name].weight, atol=2e-3, rtol=0)
+        # A near-tie that falls the other way (float32 vs float64 Gram matrices) changes the OBS updates
+        # of the rest of its row: compare the rows whose masks agree entirely.
+        rows = (result.masks[name] == masks[name]).all(dim=1)
+        assert rows.float().mean() > 0.9, name
+        torch.testing.assert_close(mine[name].weight[rows], theirs[name].weight[rows], atol=2e-3, rtol=0)

@@ -3,7 +3,8 @@
 The reference here is the quadratic procedure written out explicitly: for block b, the whole (partially
 pruned) model runs on every recorded step and is stopped after block b; the inputs of b's linears are
 collected, their statistics computed in float64 from the formulas, and b is pruned before b + 1 is
-measured. prune.apply(sequential=True) must produce the same masks.
+measured. prune.apply(sequential=True) must produce the same masks, but for near-ties (the reference
+sums in float64): tests/assertions.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import prune
 from prune.methods.masks import select_mask
 from prune.methods.sparsegpt import sparsegpt_prune
 from tests import models
+from tests.assertions import assert_pruned_like
+
+# every test here runs plainly and under the moving device (tests/conftest.py)
+pytestmark = pytest.mark.moving_device
 
 MASK = models.MASK_TOKEN_ID
 
@@ -62,9 +67,12 @@ def _blocks(model):
 
 
 def reference_sequential(
-    model, store, method, sink_aware, pattern="unstructured", sparsity=0.5, accumulate="wanda"
+    model, store, method, sink_aware, pattern="unstructured", sparsity=0.5, accumulate="wanda", out=None
 ):
-    """The quadratic sequential procedure, explicitly (block b's inputs from a full forward)."""
+    """The quadratic sequential procedure, explicitly (block b's inputs from a full forward).
+
+    Returns the masks; ``out`` (a dict), if given, receives ``"weights"`` (the pruned weights) and
+    ``"hessians"`` (Σ (w x)(w x)ᵀ of each linear's input, float64)."""
     model = copy.deepcopy(model)
     modules = dict(model.named_modules())
     masks = {}
@@ -116,7 +124,19 @@ def reference_sequential(
                     mask = select_mask(weight.abs().double() * norm, pattern, sparsity)
                 weight.mul_(mask)
                 masks[n] = mask
+                if out is not None:
+                    out.setdefault("weights", {})[n] = weight.detach().clone()
+                    out.setdefault("hessians", {})[n] = hessian[n]
     return masks
+
+
+def assert_like_reference(model, pruned, result, expected, out):
+    """Masks agree but for near-ties and each layer's error is within 1% of the reference's: the
+    reference sums in float64, the engine in float32, so near-tied scores may fall either way on a
+    given CPU (tests/assertions.py)."""
+    dense = {n: m.weight.detach() for n, m in model.named_modules() if n in expected}
+    mine = {n: m.weight.detach() for n, m in pruned.named_modules() if n in expected}
+    assert_pruned_like(dense, (result.masks, mine), (expected, out["weights"]), out["hessians"])
 
 
 CASES = [
@@ -134,7 +154,8 @@ CASES = [
 def test_sequential_masks_equal_the_quadratic_procedure(tmp_path, arch, build, method, sink_aware, pattern):
     model = models.sharpen(build(), 5.0)
     store = _record(model, tmp_path / "s", linear_stats=True)
-    expected = reference_sequential(model, store, method, sink_aware, pattern)
+    out = {}
+    expected = reference_sequential(model, store, method, sink_aware, pattern, out=out)
     pruned = copy.deepcopy(model)
     result = prune.apply(
         pruned,
@@ -148,8 +169,7 @@ def test_sequential_masks_equal_the_quadratic_procedure(tmp_path, arch, build, m
         progress=False,
     )
     assert set(result.masks) == set(expected)
-    for name, mask in expected.items():
-        assert torch.equal(result.masks[name], mask), name
+    assert_like_reference(model, pruned, result, expected, out)
     if sink_aware:  # the reference's weights matter: sinks were down-weighted somewhere
         assert any((_sink_weights(store, s, True) < 0.5).any() for s in range(store.num_steps))
 
@@ -183,9 +203,11 @@ def test_store_without_input_ids_is_refused(tmp_path):
 def test_reference_accumulation_equals_the_quadratic_procedure(tmp_path):
     model = models.sharpen(models.tiny_llada(n_layers=3), 5.0)
     store = _record(model, tmp_path / "s")
-    expected = reference_sequential(model, store, "wanda", True, accumulate="reference")
+    out = {}
+    expected = reference_sequential(model, store, "wanda", True, accumulate="reference", out=out)
+    pruned = copy.deepcopy(model)
     result = prune.apply(
-        copy.deepcopy(model),
+        pruned,
         store,
         0.5,
         sink_aware=True,
@@ -193,8 +215,7 @@ def test_reference_accumulation_equals_the_quadratic_procedure(tmp_path):
         sequential=True,
         progress=False,
     )
-    for name, mask in expected.items():
-        assert torch.equal(result.masks[name], mask), name
+    assert_like_reference(model, pruned, result, expected, out)
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
@@ -204,9 +225,11 @@ def test_padding_is_left_out_as_in_the_quadratic_procedure(tmp_path, method):
     mask[1, 11:] = 0  # the second window is 11 tokens long
     store = _record(model, tmp_path / "s", attention_mask=mask)
     assert any(not bool(store.valid(step).all()) for step in range(store.num_steps))
-    expected = reference_sequential(model, store, method, True)
+    out = {}
+    expected = reference_sequential(model, store, method, True, out=out)
+    pruned = copy.deepcopy(model)
     result = prune.apply(
-        copy.deepcopy(model),
+        pruned,
         store,
         0.5,
         method=method,
@@ -215,5 +238,4 @@ def test_padding_is_left_out_as_in_the_quadratic_procedure(tmp_path, method):
         blocksize=16,
         progress=False,
     )
-    for name, m in expected.items():
-        assert torch.equal(result.masks[name], m), name
+    assert_like_reference(model, pruned, result, expected, out)

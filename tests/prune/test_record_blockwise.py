@@ -15,6 +15,10 @@ import torch
 import attnprobe
 import prune
 from tests import models
+from tests.assertions import assert_masks_agree
+
+# every test here runs plainly and under the moving device (tests/conftest.py)
+pytestmark = pytest.mark.moving_device
 
 MASK = models.MASK_TOKEN_ID
 CALIBRATION = dict(steps=4, sample_interval=2, seed=3, batch_size=2)
@@ -83,8 +87,8 @@ def test_blockwise_store_equals_the_recorded_one(tmp_path, arch, build, padded):
             for store in (ref, got)
         ]
         assert set(results[0].masks) == set(results[1].masks)
-        for name, m in results[0].masks.items():
-            assert torch.equal(results[1].masks[name], m), (method, name)
+        for name, m in results[0].masks.items():  # the stores agree to rounding: near-ties aside
+            assert_masks_agree(results[1].masks[name], m, f"{method} {name}")
 
 
 def test_blockwise_pass_onloads_from_another_device(tmp_path):

