@@ -20,6 +20,8 @@ from collections.abc import Mapping
 
 __all__ = ["MovedModule", "alias_moved_modules"]
 
+_MISSING = object()
+
 
 class MovedModule(types.ModuleType):
     """A module object standing at an old import path; attributes come from ``new`` with a warning."""
@@ -42,11 +44,21 @@ class MovedModule(types.ModuleType):
         return value
 
     def __setattr__(self, name: str, value) -> None:
-        # Patching the old path (a test's monkeypatch, a user's override) reaches the real module.
-        setattr(importlib.import_module(self.__dict__["_new_path"]), name, value)
+        # Patching the old path (a test's monkeypatch, a user's override) reaches the real module; the
+        # value it replaced is kept so that deleting the patch restores it.
+        target = importlib.import_module(self.__dict__["_new_path"])
+        self.__dict__.setdefault("_replaced", {}).setdefault(name, getattr(target, name, _MISSING))
+        setattr(target, name, value)
 
     def __delattr__(self, name: str) -> None:
-        delattr(importlib.import_module(self.__dict__["_new_path"]), name)
+        target = importlib.import_module(self.__dict__["_new_path"])
+        replaced = self.__dict__.get("_replaced", {})
+        if name not in replaced:
+            delattr(target, name)
+        elif (old := replaced.pop(name)) is _MISSING:
+            delattr(target, name)
+        else:
+            setattr(target, name, old)
 
     def __dir__(self) -> list[str]:
         return dir(importlib.import_module(self.__dict__["_new_path"]))

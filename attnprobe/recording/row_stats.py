@@ -55,6 +55,12 @@ def row_statistics(
         ...                      grams={"g": torch.ones(3)})
         >>> out["q"].tolist(), out["s"].tolist(), out["g"].tolist()
         ([[5.5, 4.0], [0.0, 2.0]], [[2.5, 2.0], [0.0, 2.0]], [[10.0, 2.0], [2.0, 5.0]])
+        >>> running = torch.eye(2)  # summed into in place
+        >>> out = row_statistics(x, torch.tensor([0, 0, 1]), 2, grams={"g": torch.ones(3)}, into={"g": running})
+        >>> out["g"] is running
+        True
+        >>> running.tolist()
+        [[11.0, 2.0], [2.0, 6.0]]
     """
     width, device = rows.shape[-1], rows.device
 
@@ -66,6 +72,7 @@ def row_statistics(
         name: torch.zeros((batch, width), dtype=torch.float32, device=device) for name in [*squares, *sums]
     }
     out.update({name: torch.zeros((width, width), dtype=torch.float32, device=device) for name in grams})
+    out.update(into or {})
     sample = sample.to(device)
     for r0 in range(0, rows.shape[0], ROWS_PER_CHUNK):
         part = slice(r0, r0 + ROWS_PER_CHUNK)

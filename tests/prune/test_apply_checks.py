@@ -19,7 +19,7 @@ from tests.prune.test_moe import _calibrated
 
 pytestmark = pytest.mark.moving_device
 
-apply_module = importlib.import_module("prune.apply")
+apply_module = importlib.import_module("prune.engine.apply")
 
 CASES = [
     pytest.param("model.layers.1.mlp.up_proj", {}, id="one-shot"),
