@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from attnprobe import experts as moe
 from attnprobe.attention_hooks import AttentionHooks
+from attnprobe.block_cosine import BlockCosineHooks
 from attnprobe.capture import SdpaObserver
 from attnprobe.fingerprint import store_fingerprint
 from attnprobe.input_hooks import InputHooks
@@ -102,7 +103,7 @@ def _token_grid(args: tuple, kwargs: dict) -> tuple[Tensor | None, Tensor | None
 _READING_API = frozenset(name for name in dir(TrajectoryStore) if not name.startswith("_"))
 
 
-class Recording(AttentionHooks, InputHooks, StepReduction):
+class Recording(AttentionHooks, InputHooks, BlockCosineHooks, StepReduction):
     """A recording in progress and, after it closes, the store it wrote.
 
     The reading API of :class:`~attnprobe.TrajectoryStore` (``num_steps``, ``layers``,
@@ -304,6 +305,7 @@ class Recording(AttentionHooks, InputHooks, StepReduction):
         self._handles.extend(self._attach_attention_hooks(modules))
         if self._want_stats:
             self._handles.extend(self._attach_input_hooks(modules))
+            self._handles.extend(self._attach_block_hooks(modules))  # Block Influence (block_cosine)
         self._mode = SdpaObserver(self._on_sdpa)
         self._mode.open()
         _ACTIVE[self.model] = self

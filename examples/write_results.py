@@ -271,8 +271,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="measure only section 4 (lm-eval task) and splice it into --out",
     )
+    parser.add_argument(
+        "--only-serving",
+        action="store_true",
+        help="measure only section 5 (blocks, FLAP; examples/serving_results.py) and splice it into --out",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    if args.only_serving:
+        import serving_results
+
+        with tempfile.TemporaryDirectory() as tmp:
+            section = serving_results.serving_section(
+                pipeline.load_pair(), Path(tmp), seeds=args.seeds, quick=args.quick
+            )
+        serving_results.splice(args.out, section)
+        print(f"wrote section 5 of {args.out} in {(time.perf_counter() - start) / 60:.1f} min")
+        return 0
     if args.only_task:
         pair = pipeline.load_pair()
         with tempfile.TemporaryDirectory() as tmp:
