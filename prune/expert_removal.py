@@ -98,7 +98,8 @@ def _check(modules, es, kept: int, config: Any) -> None:
             f"{es.name} would keep {kept} of {es.num_experts} experts, fewer than the {top_k} every token is "
             "routed to (top-k); use a smaller ratio."
         )
-    for owner in (modules.get(es.router), modules.get(es.name.rpartition(".")[0]), config):
+    router = modules.get(es.router)
+    for owner in (router, getattr(router, "config", None)):  # a group-limited router reads n_group
         groups = getattr(owner, "n_group", None)
         if isinstance(groups, int) and groups > 1:
             raise ValueError(
