@@ -207,3 +207,18 @@ def test_bi_clean_needs_a_clean_step_and_uses_only_it():
     got = block_influence(clean, names, score="bi-clean")
     assert got.steps == [0]
     torch.testing.assert_close(got.score, block_influence(clean, names).score, rtol=0, atol=0)
+
+
+def test_block_wise_recording_keeps_the_same_block_cosines():
+    model = models.tiny_llada(n_layers=4)
+    ids = _ids()
+    with attnprobe.record(model, mask_token_id=MASK) as whole:
+        attnprobe.calibrate(model, ids, mask_token_id=MASK, steps=4, sample_interval=2, progress=False)
+    blockwise = prune.record_blockwise(
+        model, ids, mask_token_id=MASK, steps=4, sample_interval=2, progress=False
+    )
+    names = [f"model.transformer.blocks.{i}" for i in range(4)]
+    for sink_aware in (False, True):
+        a = block_influence(whole, names, sink_aware=sink_aware)
+        b = block_influence(blockwise, names, sink_aware=sink_aware)
+        torch.testing.assert_close(b.per_step, a.per_step, rtol=0, atol=1e-5)
