@@ -291,7 +291,8 @@ same windows as clean text for the AR twin. Held-out NLL as in section 2 ({eval_
 first {task_items} items, {mc_num} Monte-Carlo draws per choice for the DLM (fewer than section 4, so
 compare within this section). Step latency: median forward of an (8, 128) batch, timed in
 alternation with the dense model (× dense: the ratio of the medians; the machine was shared, so read
-the ratio, not the milliseconds). `null` = not measured.
+the ratio, not the milliseconds). Latency is measured once per set of weight shapes; the AR twin's rows
+share the DLM's (same shapes). `null` = not measured.
 
 ### Block removal: 1 of 4 blocks (`pattern="blocks"`, ratio 0.25, first and last kept)
 
