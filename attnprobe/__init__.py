@@ -48,6 +48,7 @@ from attnprobe.layout.experts import (
 from attnprobe.layout.experts import attach as attach_expert_hooks
 from attnprobe.layout.registry import ModelLayout, discover
 from attnprobe.moved_modules import alias_moved_modules
+from attnprobe.recording.block_cosine import CosineProbe, token_cosine
 from attnprobe.recording.block_mass import BlockMassRecording
 from attnprobe.recording.linear_stats import reduce_inputs
 from attnprobe.recording.record import Recording, record
@@ -109,6 +110,7 @@ __all__ = [
     "sink_weights",
     "step_mass",
     "BlockMassRecording",
+    "CosineProbe",
     "ExpertSet",
     "ModelLayout",
     "Recording",
@@ -128,6 +130,7 @@ __all__ = [
     "record",
     "reduce_inputs",
     "routed_rows",
+    "token_cosine",
     "row_statistics",
     "expert_activation",
     "__version__",

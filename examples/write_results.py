@@ -282,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--render-allocation", action="store_true", help="render section 5 from the logs")
     parser.add_argument("--allocation-log", type=Path, default=ROOT / "out" / "allocation.jsonl")
+    parser.add_argument(
+        "--only-serving",
+        action="store_true",
+        help="measure only section 6 (blocks, FLAP; examples/serving_results.py) and splice it into --out",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.only_allocation or args.render_allocation or args.allocation_task:
@@ -307,6 +312,25 @@ def main(argv: list[str] | None = None) -> int:
             allocation_results.splice(args.out, allocation_results.render(logs, task_log))
             print(f"wrote section 5 of {args.out}")
         print(f"done in {(time.perf_counter() - start) / 60:.1f} min")
+        return 0
+    if args.only_serving:
+        import serving_results
+
+        with tempfile.TemporaryDirectory() as tmp:
+            section = serving_results.serving_section(
+                pipeline.load_pair(), Path(tmp), seeds=args.seeds, quick=args.quick
+            )
+        serving_results.splice(args.out, section)
+        print(f"wrote section 6 of {args.out} in {(time.perf_counter() - start) / 60:.1f} min")
+        return 0
+    if args.only_task:
+        pair = pipeline.load_pair()
+        with tempfile.TemporaryDirectory() as tmp:
+            store = calibration_store(pair, 0, 4 if args.quick else 32, Path(tmp) / "calib-0", args.quick)
+            table, info = task_table(pair, store, args.quick)
+        minutes = (time.perf_counter() - start) / 60
+        _splice_task(args.out, _task_section(table, info, minutes))
+        print(f"wrote section 4 of {args.out} in {minutes:.1f} min")
         return 0
     figures = args.out.parent / "figures"
     figures.mkdir(parents=True, exist_ok=True)

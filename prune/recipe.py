@@ -46,7 +46,7 @@ def _positive(value: float) -> str | None:
 
 
 def _pattern(value: str) -> str | None:
-    if value == "structured":
+    if value in ("structured", "blocks", "experts"):
         return None
     from prune.methods import masks as masks_mod
 
@@ -55,7 +55,7 @@ def _pattern(value: str) -> str | None:
     try:
         masks_mod.parse_pattern(value, sparsity if sparsity < 1 else 0.5)
     except (ValueError, TypeError, ZeroDivisionError) as err:
-        return f'{err} Valid patterns: "unstructured", "N:M" (e.g. "2:4") or "structured"'
+        return f'{err} Valid patterns: "unstructured", "N:M" (e.g. "2:4"), "structured", "blocks" or "experts"'
     return None
 
 
@@ -136,6 +136,15 @@ class Recipe(Fields):
     structured_mode: str = option(
         "uniform", "structured: same ratio per layer, or one global ranking", choices=("uniform", "global")
     )
+    score: str | None = option(
+        None,
+        "how whole units are scored: blocks bi (default) or bi-clean; experts reap (default), frequency or "
+        "norm; structured wanda-sp (default) or flap",
+        choices=("bi", "bi-clean", "reap", "frequency", "norm", "wanda-sp", "flap"),
+    )
+    bias_compensation: bool = option(False, "structured: add the removed channels' mean output to the bias")
+    iterative: bool = option(False, "blocks: remove one block at a time and re-measure")
+    keep_ends: bool = option(True, "blocks: never remove the first or the last block")
     allow_other_weights: bool = option(False, "accept a store recorded from another checkpoint")
     device: str | None = option(
         None, "with sequential: the device each block visits (e.g. cuda:0); the model stays on the host"

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnprobe.recording.expert_saliency import routed_slots, router_weights, saliency_sums
+
 logger = logging.getLogger(__name__)
 
 _ROWS_PER_CHUNK = 4096
@@ -401,7 +403,10 @@ def reduce_experts(
     cand = candidates.to(hidden.device)
     cand_flat = cand[:, 0] * tokens + cand[:, 1]
     out = {}
-    for expert, rows in enumerate(routed_rows(index.to(hidden.device), es.num_experts)):
+    index = index.to(hidden.device)
+    gates = router_weights(model_modules, es, hidden, index)  # REAP's g (attnprobe.expert_saliency)
+    slots = routed_slots(index, es.num_experts)
+    for expert, rows in enumerate(routed_rows(index, es.num_experts)):
         x = hidden[rows]
         (first, _), (down, _) = es.groups(expert).items()
         args = (rows, tokens, batch, flat_valid, flat_w, cand_flat, hessians)
@@ -409,6 +414,8 @@ def reduce_experts(
         with torch.no_grad():
             h = expert_activation(model_modules, es, expert, x)
         out[down] = _reduce_rows(h, *args)
+        reap = (expert, h, rows, slots[expert], gates, batch, tokens, flat_valid, flat_w)
+        out[down].update(saliency_sums(model_modules, es, *reap))
     return out
 
 

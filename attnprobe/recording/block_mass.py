@@ -212,8 +212,11 @@ class BlockMassRecording:
             self._spooled[layer] = target
         self._pending.clear()
 
-    def write_steps(self, steps: list[tuple[Tensor, Tensor, dict[str, Any]]]) -> TrajectoryStore:
-        """Write one store step per ``(input_ids, valid, meta)``, in order, with every layer's mass.
+    def write_steps(
+        self, steps: list[tuple[Tensor, Tensor, dict[str, Any]]], extra: list[dict[str, Tensor]] | None = None
+    ) -> TrajectoryStore:
+        """Write one store step per ``(input_ids, valid, meta)``, in order, with every layer's mass
+        (and ``extra[i]``'s tensors in step i, e.g. the block cosines of :mod:`attnprobe.block_cosine`).
 
         Raises:
             RuntimeError: if no SDPA call was seen (eager attention), or a layer lacks a step.
@@ -236,6 +239,7 @@ class BlockMassRecording:
             ids = input_ids.to("cpu")
             tensors["valid"] = valid
             tensors["input_ids"] = ids
+            tensors.update(extra[index] if extra is not None else {})
             ratio = None
             if self.mask_token_id is not None and ids.shape == valid.shape:
                 ratio = float(((ids == self.mask_token_id) & valid).sum() / valid.sum().clamp(min=1))

@@ -8,6 +8,8 @@ Statistics, over valid (non-padding) tokens t of each sample b, in float32:
 
 - ``sumsq[b, j]  = Σ_t x[b,t,j]²``                 plain Wanda scaler before averaging
 - ``wsumsq[b, j] = Σ_t w[b,t]² · x[b,t,j]²``       the same on sink-down-weighted rows (w·x)²
+- ``sum[b, j]    = Σ_t x[b,t,j]``, ``wsum[b, j] = Σ_t w[b,t] · x[b,t,j]``: the means beside the squares,
+                                                     for FLAP's fluctuation and bias compensation
 - ``cand_rows``  = x[b,t,:]² for candidate tokens   lets ``prune`` redo the weighting for other sink
                                                      parameters without running the model again
 - ``plain = Σ x xᵀ`` and ``weighted = Σ (w x)(w x)ᵀ``, summed over samples (only with Hessians)
@@ -41,8 +43,9 @@ def reduce_inputs(
         hessians: also return ``plain`` and ``weighted`` (in, in) Gram matrices.
 
     Returns:
-        ``sumsq`` and ``wsumsq`` (batch, in), ``cand_rows`` (n, in) in the order of ``candidates``,
-        and with ``hessians`` also ``plain`` and ``weighted`` (in, in); all float32 on x's device.
+        ``sumsq``, ``wsumsq``, ``sum`` and ``wsum`` (batch, in), ``cand_rows`` (n, in) in the order of
+        ``candidates``, and with ``hessians`` also ``plain`` and ``weighted`` (in, in); all float32 on
+        x's device.
 
     Example:
         >>> x = torch.ones(1, 3, 2)
@@ -59,7 +62,8 @@ def reduce_inputs(
     keep = valid.to(torch.float32)  # (batch, tokens)
     w2 = weights.square() * keep
     sumsq = x.new_zeros((batch, width), dtype=torch.float32)
-    wsumsq = torch.zeros_like(sumsq)
+    wsumsq, total, wtotal = torch.zeros_like(sumsq), torch.zeros_like(sumsq), torch.zeros_like(sumsq)
+    w1 = weights * keep
     out: dict[str, Tensor] = {}
     if hessians:
         out["plain"] = x.new_zeros((width, width), dtype=torch.float32)
@@ -71,6 +75,8 @@ def reduce_inputs(
         # (chunk, tokens) x (chunk, tokens, in) -> (chunk, in): a batched matvec, no (t, in) temporary.
         sumsq[b0 : b0 + step] = torch.bmm(keep[b0 : b0 + step, None, :], sq).squeeze(1)
         wsumsq[b0 : b0 + step] = torch.bmm(w2[b0 : b0 + step, None, :], sq).squeeze(1)
+        total[b0 : b0 + step] = torch.bmm(keep[b0 : b0 + step, None, :], xb).squeeze(1)
+        wtotal[b0 : b0 + step] = torch.bmm(w1[b0 : b0 + step, None, :], xb).squeeze(1)
         if hessians:
             rows = (xb * keep[b0 : b0 + step, :, None]).reshape(-1, width)
             out["plain"].addmm_(rows.T, rows)
@@ -79,5 +85,6 @@ def reduce_inputs(
             out["weighted"].addmm_(wrows.T, wrows)
     out["sumsq"] = sumsq
     out["wsumsq"] = wsumsq
+    out["sum"], out["wsum"] = total, wtotal
     out["cand_rows"] = x[candidates[:, 0], candidates[:, 1]].to(torch.float32).square()
     return out

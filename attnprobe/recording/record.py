@@ -58,6 +58,7 @@ from attnprobe.recording.step_reduce import Forward, Replay, Step, StepReduction
 from attnprobe.recording.store_view import StoreView
 from attnprobe.store.fingerprint import store_fingerprint
 from attnprobe.store.writer import StoreWriter
+from attnprobe.recording.block_cosine import BlockCosineHooks
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def active_recording(model: nn.Module) -> Recording | None:
     return _ACTIVE.get(model)
 
 
-class Recording(StoreView, AttentionHooks, InputHooks, StepReduction):
+class Recording(StoreView, AttentionHooks, InputHooks, BlockCosineHooks, StepReduction):
     """A recording in progress and, after it closes, the store it wrote.
 
     The reading API of :class:`~attnprobe.TrajectoryStore` (``num_steps``, ``layers``,
@@ -230,6 +231,7 @@ class Recording(StoreView, AttentionHooks, InputHooks, StepReduction):
         self._handles.extend(self._attach_attention_hooks(modules))
         if self._want_stats:
             self._handles.extend(self._attach_input_hooks(modules))
+            self._handles.extend(self._attach_block_hooks(modules))  # Block Influence (block_cosine)
         self._mode = SdpaObserver(self._on_sdpa)
         self._mode.open()
         _ACTIVE[self.model] = self

@@ -38,6 +38,7 @@ class Forward:
     seen: dict[int, tuple[str, weakref.ref]] = field(default_factory=dict)  # id(input) -> group
     groups: dict[str, list[str]] = field(default_factory=dict)  # group -> linear names
     routed: dict[str, tuple] = field(default_factory=dict)  # experts -> (ExpertSet, hidden, index)
+    block_cos: dict[str, Tensor] = field(default_factory=dict)  # block -> (batch, tokens) cos(in, out)
     attention_calls: int = 0
     sdpa_calls: int = 0
 
@@ -86,6 +87,9 @@ class StepReduction:
         if self.save_input_ids and all(i is not None for i in ids):
             tensors["input_ids"] = torch.cat(ids)
         meta = {**step.meta, "num_forwards": len(forwards), "mask_ratio": self._mask_ratio(tensors, valid)}
+        for block in forwards[0].block_cos:  # attnprobe.block_cosine: blocks every forward ran
+            if all(block in f.block_cos for f in forwards):
+                tensors[f"block_cos/{block}"] = torch.cat([f.block_cos[block] for f in forwards])
         groups: dict[str, list[str]] = {}
         hessians: dict[str, dict[str, Tensor]] = {}
         if self._want_stats:

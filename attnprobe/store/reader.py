@@ -337,6 +337,11 @@ class TrajectoryStore:
             out.setdefault(group, {})[field] = tensor
         return out
 
+    def block_cosines(self, step: int) -> dict[str, Tensor]:
+        """Block -> ``(batch, tokens)`` cos(block input, block output) per token; ``{}`` if not recorded."""
+        found = self._read(step, lambda n: n.startswith("block_cos/"))
+        return {name[len("block_cos/") :]: tensor for name, tensor in found.items()}
+
     def candidates(self, step: int) -> Tensor:
         """``(n, 2)`` int64 rows ``(batch, position)`` of the step's candidate tokens (empty if none)."""
         found = self._read(step, lambda n: n == "cand_index").get("cand_index")

@@ -40,7 +40,7 @@ from prune.recipe import records_recipe
 logger = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
-PATTERNS_HELP = '"unstructured", "N:M" (e.g. "2:4") or "structured"'
+PATTERNS_HELP = '"unstructured", "N:M" (e.g. "2:4"), "structured", "blocks" or "experts"'
 
 
 @dataclass
@@ -96,8 +96,8 @@ def _validate(method: str, sparsity: float, pattern: str, accumulate: str) -> tu
     check_accumulation(accumulate)
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be in [0, 1) (0.5 prunes half the weights), got {sparsity!r}")
-    if pattern == "structured":
-        return "structured", 0, 0
+    if pattern in ("structured", "blocks", "experts"):
+        return pattern, 0, 0
     try:
         kind, n, m = masks_mod.parse_pattern(pattern, sparsity)
     except ValueError as err:
@@ -205,6 +205,10 @@ def apply(
     blocksize: int = _D.blocksize,
     percdamp: float = _D.percdamp,
     structured_mode: str = _D.structured_mode,
+    score: str | None = _D.score,
+    bias_compensation: bool = _D.bias_compensation,
+    iterative: bool = _D.iterative,
+    keep_ends: bool = _D.keep_ends,
     allow_other_weights: bool = _D.allow_other_weights,
     device: torch.device | str | None = _D.device,
     offload_device: torch.device | str = _D.offload_device,
@@ -234,7 +238,8 @@ def apply(
             ``method="magnitude"``.
         sparsity: fraction of each selected linear's weights pruned, in [0, 1), or a
             :class:`prune.Recipe` holding it and every option below. With
-            ``pattern="structured"``: the fraction of heads and MLP channels removed per layer.
+            ``pattern="structured"``: the fraction of heads and MLP channels removed per layer;
+            ``"blocks"``: of the blocks (``round(ratio · n)``); ``"experts"``: of each MoE layer's experts.
         method: ``"magnitude"``, ``"wanda"`` (arXiv 2306.11695) or ``"sparsegpt"`` (arXiv 2301.00774).
         sink_aware: down-weight sink token rows by ``w = 1 − s`` before scoring (arXiv 2602.17664).
         pattern: ``"unstructured"`` (exact count per output row), ``"N:M"`` (N pruned of every M
@@ -256,6 +261,13 @@ def apply(
             linears inside attention blocks are candidates: embeddings and the LM head are untouched.
         blocksize, percdamp: SparseGPT's block size and damping.
         structured_mode: ``"uniform"`` or ``"global"`` for ``pattern="structured"``.
+        score: how whole units are scored. ``pattern="blocks"``: ``"bi"`` (default, Block Influence over
+            every recorded step, :mod:`prune.block_influence`) or ``"bi-clean"`` (clean steps only);
+            ``"experts"``: ``"reap"`` (default), ``"frequency"`` or ``"norm"`` (:mod:`prune.expert_removal`);
+            ``"structured"``: ``"wanda-sp"`` (default) or ``"flap"`` (:mod:`prune.flap`).
+        bias_compensation: ``pattern="structured"``: add the removed channels' mean output to the bias (FLAP).
+        iterative: ``pattern="blocks"``: remove one block at a time and re-measure (:mod:`prune.blocks`).
+        keep_ends: ``pattern="blocks"``: never remove the first or the last block.
         allow_other_weights: apply a store whose weight sample differs from ``model``'s (a store of
             the base model applied to a fine-tuned sibling, on purpose). Class and shapes must match.
         device: with ``sequential=True``, onload: the model may live on the CPU and each block (and,
@@ -341,6 +353,11 @@ def apply(
             f"device={device!r} onloads blocks one at a time, which only sequential pruning does; pass "
             "sequential=True, or move the model to the device yourself for one-shot pruning."
         )
+    if kind in ("blocks", "experts"):  # whole blocks or experts leave the model (prune.removal)
+        from prune.engine.removal import apply_removal
+
+        how = (score, sink_aware, settings, iterative, keep_ends)
+        return apply_removal(model, store, sparsity, kind, *how, meta)
     if sequential:
         check_offload(offload_device, cache_dir)
     elif offload_device == "disk" or cache_dir is not None:
@@ -354,6 +371,7 @@ def apply(
                 "targets=/ignore= do not apply to pattern='structured': every supported attention and "
                 "MLP block is pruned at the same ratio. Drop them, or prune unstructured."
             )
+        meta.update(score=score or "wanda-sp", bias_compensation=bias_compensation)
         return _apply_structured(
             model, store, sparsity, sink_aware, settings, accumulate, structured_mode, meta
         )
@@ -657,7 +675,14 @@ def _apply_structured(model, store, ratio, sink_aware, settings, accumulate, mod
     norms = activation_norms(store, sink_aware=sink_aware, settings=settings, accumulate=accumulate)
     for name, norm in norms.items():
         _finite(name, norm)
-    plan = structured.plan_structured(model, norms, ratio, mode=mode)
+    from prune.engine.flap import structured_inputs
+
+    scores, means = structured_inputs(
+        store, model, meta["score"], meta["bias_compensation"], sink_aware, settings
+    )
+    plan = structured.plan_structured(
+        model, norms, ratio, mode=mode, scores=scores, act_means=means, create_bias=means is not None
+    )
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     dense = {n: (m.out_features, m.in_features) for n, m in linears.items()}
     structured.apply_plan(model, plan)

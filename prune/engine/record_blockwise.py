@@ -11,7 +11,8 @@ the device, :func:`record_blockwise` computes the same store with the block-wise
    step; :class:`attnprobe.BlockMassRecording` computes the attention mass of its SDPA calls as the
    recorder does, and the block's dense outputs replace the cache on ``offload_device``;
 4. the mass is written as an ordinary step-major store (``linear_stats=False``): input ids, padding,
-   every layer's mass and calibrate's step metadata.
+   every layer's mass, each block's per-token cos(input, output) (``block_cos/<block>``, for
+   ``pattern="blocks"``; the block's input and output are both at hand) and calibrate's step metadata.
 
 Each block runs once per step, so the pass costs one dense forward's compute and moves each block's
 weights to the device once (streaming whole-model forwards, :func:`prune.onload.streamed`, moves them
@@ -31,6 +32,7 @@ from attnprobe import BlockMassRecording, TrajectoryStore, calibration_steps
 from prune.engine.block_cache import check_offload, open_cache
 from prune.engine.blockwise import CalibrationStep, capture_inputs, find_blocks
 from prune.engine.onload import block_device, onloaded
+from attnprobe import token_cosine
 
 
 @torch.no_grad()
@@ -106,6 +108,7 @@ def record_blockwise(
     full = [m if m is not None else torch.ones(i.shape, dtype=torch.bool) for m, i in zip(masks, ids)]
     cal_steps = [CalibrationStep(i, v.cpu()) for i, v in zip(ids, full)]
     blocks = find_blocks(model, [])
+    cosines: list[dict[str, Tensor]] = [{} for _ in cal_steps]  # Block Influence (attnprobe.block_cosine)
     check_offload(offload_device, cache_dir)
     with (
         BlockMassRecording(model, path, mask_token_id=mask_token_id, overwrite=overwrite, **options) as rec,
@@ -119,8 +122,12 @@ def record_blockwise(
                 for number, entry in enumerate(cache):
                     with rec.observe(number, masks[number]):
                         output = entry.run(block.module, run_device)
+                    hidden = entry.hidden.to(output.device)
+                    if hidden.shape == output.shape and hidden.dim() == 3:
+                        cosines[number][f"block_cos/{block.name}"] = token_cosine(hidden, output).cpu()
+                    del hidden
                     if index + 1 < len(blocks):
                         cache.replace_hidden(number, output)
                     del output
             rec.flush()
-        return rec.write_steps([(i, v, meta) for i, v, (_, meta) in zip(ids, full, planned)])
+        return rec.write_steps([(i, v, meta) for i, v, (_, meta) in zip(ids, full, planned)], cosines)

@@ -179,7 +179,7 @@ def save_pretrained(
                 "prune.structured.apply_plan(AutoModelForCausalLM.from_pretrained(DENSE_CHECKPOINT), "
                 f"prune.structured.load_plan('{plan_path}')), or prune with structured_mode='uniform'."
             )
-    else:
+    elif settings.get("pattern") not in ("blocks", "experts"):  # removal: the config already follows
         extra["sparsity_config"] = sparsity_config(model, result)
     for key in extra:
         if hasattr(config, key):

@@ -237,6 +237,7 @@ def plan_structured(
     mode: str = "uniform",
     act_means: dict[str, Tensor] | None = None,
     create_bias: bool = False,
+    scores: dict[str, Tensor] | None = None,
 ) -> StructuredPlan:
     """Choose the KV groups and MLP channels to remove; the model is not changed.
 
@@ -253,6 +254,8 @@ def plan_structured(
         act_means: optional linear name -> ``(in_features,)`` mean input, for FLAP's bias compensation
             of ``o_proj``/``down_proj``.
         create_bias: with ``act_means``, give a bias to output linears that have none.
+        scores: optional output-linear name -> ``(in_features,)`` per-input-channel scores used instead
+            of Wanda-sp's (e.g. FLAP's fluctuation, :mod:`prune.flap`); ``act_norms`` is then unused.
 
     Returns:
         The :class:`StructuredPlan`.
@@ -277,12 +280,18 @@ def plan_structured(
     mlps = [s for s in specs if isinstance(s, MlpSpec)]
     outputs = [s.o for s in attn] + [s.down for s in mlps]
     heads, groups, chans = {}, [], []
+
+    def score_of(name: str) -> Tensor:
+        if scores is not None:
+            return _stat(scores, name, outputs, "scores").float().cpu()
+        return channel_scores(modules[name].weight, _stat(act_norms, name, outputs)).cpu()
+
     for s in attn:
-        ch = channel_scores(modules[s.o].weight, _stat(act_norms, s.o, outputs)).cpu()
+        ch = score_of(s.o)
         heads[s.name] = ch.view(s.num_heads, s.head_dim).sum(dim=1)
         groups.append(heads[s.name].view(s.num_kv_heads, s.group_size).sum(dim=1))
     for s in mlps:
-        chans.append(channel_scores(modules[s.down].weight, _stat(act_norms, s.down, outputs)).cpu())
+        chans.append(score_of(s.down))
     keep_groups, keep_chans = _select(groups, ratio, mode), _select(chans, ratio, mode)
     plan = StructuredPlan(
         keep_heads={
