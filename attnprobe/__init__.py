@@ -42,7 +42,6 @@ from attnprobe.layout.experts import (
     discover_experts,
     expert_activation,
     expert_weight,
-    reduce_experts,
     routed_rows,
 )
 from attnprobe.layout.experts import attach as attach_expert_hooks
@@ -50,6 +49,7 @@ from attnprobe.layout.registry import ModelLayout, discover
 from attnprobe.moved_modules import alias_moved_modules
 from attnprobe.recording.block_cosine import CosineProbe, token_cosine
 from attnprobe.recording.block_mass import BlockMassRecording
+from attnprobe.recording.expert_stats import reduce_experts
 from attnprobe.recording.linear_stats import reduce_inputs
 from attnprobe.recording.record import Recording, record
 from attnprobe.recording.row_stats import row_statistics

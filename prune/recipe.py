@@ -55,7 +55,8 @@ def _pattern(value: str) -> str | None:
     try:
         masks_mod.parse_pattern(value, sparsity if sparsity < 1 else 0.5)
     except (ValueError, TypeError, ZeroDivisionError) as err:
-        return f'{err} Valid patterns: "unstructured", "N:M" (e.g. "2:4"), "structured", "blocks" or "experts"'
+        valid = '"unstructured", "N:M" (e.g. "2:4"), "structured", "blocks" or "experts"'
+        return f"{err} Valid patterns: {valid}"
     return None
 
 

@@ -38,11 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnprobe.recording.expert_saliency import routed_slots, router_weights, saliency_sums
-
 logger = logging.getLogger(__name__)
 
-_ROWS_PER_CHUNK = 4096
 _ROUTER_NAMES = ("gate", "router")
 _TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "num_experts_per_token")
 
@@ -310,49 +307,6 @@ def expert_activation(model_modules: dict[str, nn.Module], es: ExpertSet, expert
     return act(gate) * upv
 
 
-def _reduce_rows(x: Tensor, rows: Tensor, tokens: int, batch: int, valid: Tensor, weights: Tensor,
-                 cand_flat: Tensor, hessians: bool) -> dict[str, Tensor]:
-    width = x.shape[-1]
-    sample = rows // tokens
-    keep = valid[rows].to(torch.float32)
-    w = weights[rows].to(torch.float32) * keep
-    out = {
-        "sumsq": x.new_zeros((batch, width), dtype=torch.float32),
-        "wsumsq": x.new_zeros((batch, width), dtype=torch.float32),
-        "tokens": x.new_zeros((batch,), dtype=torch.float32).index_add_(0, sample, keep),
-    }
-    if hessians:
-        out["plain"] = x.new_zeros((width, width), dtype=torch.float32)
-        out["weighted"] = x.new_zeros((width, width), dtype=torch.float32)
-    for r0 in range(0, x.shape[0], _ROWS_PER_CHUNK):
-        part = slice(r0, r0 + _ROWS_PER_CHUNK)
-        xs = x[part].to(torch.float32)
-        sq = xs.square()
-        # Per-sample sums as one small matmul, (2·batch, rows) x (rows, in): rows of sample b carry
-        # their keep (plain) or w² (weighted) in row b (resp. batch + b) of the selector.
-        n = sq.shape[0]
-        selector = sq.new_zeros((2 * batch, n))
-        column = torch.arange(n, device=x.device)
-        selector[sample[part], column] = keep[part]
-        selector[batch + sample[part], column] = w[part].square()
-        sums = selector @ sq
-        out["sumsq"] += sums[:batch]
-        out["wsumsq"] += sums[batch:]
-        if hessians:
-            kept = xs * keep[part, None]
-            out["plain"].addmm_(kept.T, kept)
-            weighted = xs * w[part, None]
-            out["weighted"].addmm_(weighted.T, weighted)
-    # Candidate tokens routed here: their squared rows, and where they sit in the step's candidates.
-    where = torch.full((batch * tokens,), -1, dtype=torch.long, device=x.device)
-    where[rows] = torch.arange(rows.numel(), device=x.device)
-    at = where[cand_flat]
-    sel = (at >= 0).nonzero().squeeze(1)
-    out["cand_rows"] = x[at[sel]].to(torch.float32).square()
-    out["cand_sel"] = sel
-    return out
-
-
 def routed_rows(index: Tensor, num_experts: int) -> list[Tensor]:
     """For each expert, the rows routed to it in ascending order, from one stable sort of the index.
 
@@ -367,56 +321,6 @@ def routed_rows(index: Tensor, num_experts: int) -> list[Tensor]:
     order = torch.sort(flat, stable=True).indices  # index is token-major: each expert's rows stay sorted
     counts = torch.bincount(flat, minlength=num_experts).tolist()
     return list(torch.split(token[order], counts))
-
-
-def reduce_experts(
-    model_modules: dict[str, nn.Module],
-    es: ExpertSet,
-    hidden: Tensor,
-    index: Tensor,
-    valid: Tensor,
-    weights: Tensor,
-    candidates: Tensor,
-    *,
-    hessians: bool = False,
-) -> dict[str, dict[str, Tensor]]:
-    """Per-expert statistics of one forward of one MoE layer (module docstring).
-
-    Args:
-        model_modules: ``dict(model.named_modules())``.
-        es: the layer's :class:`ExpertSet`.
-        hidden: (batch · tokens, H) captured hidden states; index: (batch · tokens, k) routing.
-        valid: bool (batch, tokens); weights: float (batch, tokens) sink weights ``w = 1 − s``.
-        candidates: int64 (n, 2) rows (sample, token) of the step's candidate tokens.
-        hessians: also the per-expert Gram matrices.
-
-    Returns:
-        ``{group name: statistics}`` for the two input groups of every expert.
-    """
-    batch, tokens = valid.shape
-    if hidden.shape[0] != batch * tokens:
-        raise ValueError(
-            f"{es.name}: {hidden.shape[0]} routed rows, expected batch · tokens = {batch * tokens}"
-        )
-    flat_valid = valid.reshape(-1).to(hidden.device)
-    flat_w = weights.reshape(-1).to(hidden.device)
-    cand = candidates.to(hidden.device)
-    cand_flat = cand[:, 0] * tokens + cand[:, 1]
-    out = {}
-    index = index.to(hidden.device)
-    gates = router_weights(model_modules, es, hidden, index)  # REAP's g (attnprobe.expert_saliency)
-    slots = routed_slots(index, es.num_experts)
-    for expert, rows in enumerate(routed_rows(index, es.num_experts)):
-        x = hidden[rows]
-        (first, _), (down, _) = es.groups(expert).items()
-        args = (rows, tokens, batch, flat_valid, flat_w, cand_flat, hessians)
-        out[first] = _reduce_rows(x, *args)
-        with torch.no_grad():
-            h = expert_activation(model_modules, es, expert, x)
-        out[down] = _reduce_rows(h, *args)
-        reap = (expert, h, rows, slots[expert], gates, batch, tokens, flat_valid, flat_w)
-        out[down].update(saliency_sums(model_modules, es, *reap))
-    return out
 
 
 def fingerprint(sets: list[ExpertSet]) -> dict[str, dict]:

@@ -20,8 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Rows of (batch · tokens) reduced at once: bounds the float32 temporaries of a bf16 activation.
-_ROWS_PER_CHUNK = 4096
+from attnprobe.recording.row_stats import row_statistics
 
 
 def reduce_inputs(
@@ -58,33 +57,30 @@ def reduce_inputs(
     # valid, weights and candidates come from the step (the input ids' device, or the device where the
     # layers' masses were summed); x from this layer, which for a dispatched model may be elsewhere.
     valid, candidates = valid.to(x.device), candidates.to(x.device)
-    weights = weights.to(device=x.device, dtype=torch.float32)
-    keep = valid.to(torch.float32)  # (batch, tokens)
-    w2 = weights.square() * keep
-    sumsq = x.new_zeros((batch, width), dtype=torch.float32)
-    wsumsq, total, wtotal = torch.zeros_like(sumsq), torch.zeros_like(sumsq), torch.zeros_like(sumsq)
-    w1 = weights * keep
-    out: dict[str, Tensor] = {}
-    if hessians:
-        out["plain"] = x.new_zeros((width, width), dtype=torch.float32)
-        out["weighted"] = x.new_zeros((width, width), dtype=torch.float32)
-    step = max(1, _ROWS_PER_CHUNK // max(tokens, 1))
-    for b0 in range(0, batch, step):
-        xb = x[b0 : b0 + step].to(torch.float32)  # (chunk, tokens, in)
-        sq = xb.square()
-        # (chunk, tokens) x (chunk, tokens, in) -> (chunk, in): a batched matvec, no (t, in) temporary.
-        sumsq[b0 : b0 + step] = torch.bmm(keep[b0 : b0 + step, None, :], sq).squeeze(1)
-        wsumsq[b0 : b0 + step] = torch.bmm(w2[b0 : b0 + step, None, :], sq).squeeze(1)
-        total[b0 : b0 + step] = torch.bmm(keep[b0 : b0 + step, None, :], xb).squeeze(1)
-        wtotal[b0 : b0 + step] = torch.bmm(w1[b0 : b0 + step, None, :], xb).squeeze(1)
-        if hessians:
-            rows = (xb * keep[b0 : b0 + step, :, None]).reshape(-1, width)
-            out["plain"].addmm_(rows.T, rows)
-            wrows = xb * (weights[b0 : b0 + step] * keep[b0 : b0 + step])[..., None]
-            wrows = wrows.reshape(-1, width)
-            out["weighted"].addmm_(wrows.T, wrows)
-    out["sumsq"] = sumsq
-    out["wsumsq"] = wsumsq
-    out["sum"], out["wsum"] = total, wtotal
+    sample = torch.arange(batch, device=x.device).repeat_interleave(tokens)
+    out = weighted_statistics(
+        x.reshape(-1, width),
+        sample,
+        batch,
+        valid.reshape(-1),
+        weights.reshape(-1),
+        hessians=hessians,
+        means=True,
+    )
     out["cand_rows"] = x[candidates[:, 0], candidates[:, 1]].to(torch.float32).square()
     return out
+
+
+def weighted_statistics(
+    rows: Tensor, sample: Tensor, batch: int, keep: Tensor, weights: Tensor, *, hessians: bool, means: bool
+) -> dict[str, Tensor]:
+    """The statistics above over input rows (n, in) of ``batch`` samples, through the one reduction
+    (:func:`attnprobe.recording.row_stats.row_statistics`): row r belongs to sample ``sample[r]``,
+    counts where ``keep[r]`` (not padding) and carries the sink weight ``weights[r]``. Used for a block
+    linear's whole input and for the rows routed to one expert."""
+    keep = keep.to(device=rows.device, dtype=torch.float32)
+    w = weights.to(device=rows.device, dtype=torch.float32) * keep
+    squares = {"sumsq": keep, "wsumsq": w.square()}
+    sums = {"sum": keep, "wsum": w} if means else None
+    grams = {"plain": keep, "weighted": w} if hessians else None
+    return row_statistics(rows, sample, batch, squares=squares, sums=sums, grams=grams)

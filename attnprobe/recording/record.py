@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from attnprobe.layout import experts as moe
 from attnprobe.layout.registry import Targets, discover
 from attnprobe.recording.attention_hooks import AttentionHooks
+from attnprobe.recording.block_cosine import BlockCosineHooks
 from attnprobe.recording.capture import SdpaObserver
 from attnprobe.recording.input_hooks import InputHooks
 from attnprobe.recording.mass import Workspace
@@ -58,7 +59,6 @@ from attnprobe.recording.step_reduce import Forward, Replay, Step, StepReduction
 from attnprobe.recording.store_view import StoreView
 from attnprobe.store.fingerprint import store_fingerprint
 from attnprobe.store.writer import StoreWriter
-from attnprobe.recording.block_cosine import BlockCosineHooks
 
 logger = logging.getLogger(__name__)
 

@@ -56,7 +56,8 @@ def row_statistics(
         >>> out["q"].tolist(), out["s"].tolist(), out["g"].tolist()
         ([[5.5, 4.0], [0.0, 2.0]], [[2.5, 2.0], [0.0, 2.0]], [[10.0, 2.0], [2.0, 5.0]])
         >>> running = torch.eye(2)  # summed into in place
-        >>> out = row_statistics(x, torch.tensor([0, 0, 1]), 2, grams={"g": torch.ones(3)}, into={"g": running})
+        >>> sample = torch.tensor([0, 0, 1])
+        >>> out = row_statistics(x, sample, 2, grams={"g": torch.ones(3)}, into={"g": running})
         >>> out["g"] is running
         True
         >>> running.tolist()

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from attnprobe.analysis import sinks
-from attnprobe.layout import experts as moe
+from attnprobe.recording.expert_stats import reduce_experts
 from attnprobe.recording.linear_stats import reduce_inputs
 
 logger = logging.getLogger("attnprobe.record")
@@ -196,7 +196,7 @@ class StepReduction:
             grid = (forward.batch, forward.tokens)
             valid = forward.valid if forward.valid is not None else hidden.new_ones(grid, dtype=torch.bool)
             out.update(
-                moe.reduce_experts(
+                reduce_experts(
                     modules, es, hidden, index, valid, weights, candidates, hessians=self._want_hessians
                 )
             )

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -22,18 +21,19 @@ from torch import Tensor, nn
 
 from prune.engine import coverage as coverage_mod
 from prune.engine import experts as experts_mod
-from prune.engine import write_check
-from prune.engine.block_cache import check_offload, host_device
-from prune.engine.distributed import plan_linears, share_steps
+from prune.engine import planning, write_check
+from prune.engine import sequential as sequential_engine
+from prune.engine.block_cache import check_offload
+from prune.engine.distributed import plan_linears
 from prune.engine.onload import check_materialized
+from prune.engine.planning import PruneResult
 from prune.engine.statistics import SinkSettings, activation_norms
 from prune.engine.store_checks import as_store, check_fingerprint, grams_from_store, hessians_from_store
+from prune.engine.structured_apply import apply_structured
 from prune.methods import allocation as allocation_mod
 from prune.methods import masks as masks_mod
-from prune.methods.layer_error import norm_from_gram
-from prune.methods.refine import RefineSettings, finish_plan
-from prune.methods.sparsegpt import sparsegpt_prune
-from prune.methods.wanda import check_accumulation, magnitude_scores, wanda_scores
+from prune.methods.refine import RefineSettings
+from prune.methods.wanda import check_accumulation
 from prune.recipe import DEFAULTS as _D
 from prune.recipe import records_recipe
 
@@ -41,32 +41,6 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS_HELP = '"unstructured", "N:M" (e.g. "2:4"), "structured", "blocks" or "experts"'
-
-
-@dataclass
-class PruneResult:
-    """What :func:`apply` did.
-
-    Attributes:
-        masks: ``{module name: bool keep-mask (out, in)}``, True = kept.
-        report: one row per pruned linear: layer, shape, sparsity (zeros of the weight read back from
-            the model after the write), seconds.
-        settings: method, sparsity, pattern and sink parameters (saved with the masks).
-        weights: for SparseGPT, the reconstructed kept weights ``{name: Tensor}`` (CPU), since the
-            mask alone does not reproduce them.
-        plan: for ``pattern="structured"``, the structured plan that was applied.
-        coverage: per block, the fraction of its weights considered, the achieved sparsity (zeros over
-            all its weights) and what was left out, and why (:mod:`prune.coverage`).
-        recipe: the :class:`prune.Recipe` of the run (also in ``settings["recipe"]``).
-    """
-
-    masks: dict[str, Tensor]
-    report: Any
-    settings: dict[str, Any]
-    weights: dict[str, Tensor] = field(default_factory=dict)
-    plan: Any = None
-    coverage: Any = None
-    recipe: Any = None
 
 
 def _select_linears(model: nn.Module, store, targets: str | None, ignore: str | None) -> dict[str, nn.Linear]:
@@ -103,85 +77,6 @@ def _validate(method: str, sparsity: float, pattern: str, accumulate: str) -> tu
     except ValueError as err:
         raise ValueError(f"{err} Valid patterns: {PATTERNS_HELP}.") from None
     return kind, n or 0, m or 0
-
-
-def _finite(name: str, tensor: Tensor) -> None:
-    if not torch.isfinite(tensor).all():
-        raise ValueError(
-            f"statistics for {name} contain NaN or Inf; the calibration activations overflowed. Record "
-            "the calibration with the model in float32 or bfloat16 (not float16)."
-        )
-
-
-@dataclass(frozen=True)
-class _Selection:
-    """How every selected linear is pruned: method, pattern and SparseGPT's settings."""
-
-    method: str
-    sparsity: float
-    kind: str  # "unstructured" or "n:m"
-    n: int
-    m: int
-    blocksize: int
-    percdamp: float
-    refine: RefineSettings | None = None  # mask refinement (prune.refine), or None
-
-
-def _plan_linear(
-    name: str,
-    module: nn.Linear,
-    how: _Selection,
-    norm: Tensor | None,
-    hessian: Tensor | None,
-    gram: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
-    """Mask, SparseGPT's new weight (or None) and report row of one linear; nothing is modified.
-
-    With a Gram matrix (``gram``, or SparseGPT's ``hessian``) the plan is refined when ``how.refine``
-    says so and the row gains the layer's relative error (:mod:`prune.layer_error`).
-    """
-    start = time.perf_counter()
-    if how.method == "wanda" and norm is None or how.method == "sparsegpt" and hessian is None:
-        raise ValueError(f"the store has no statistics for {name}; exclude it with ignore= or re-record")
-    for stat in (norm, hessian):
-        if stat is not None:
-            _finite(name, stat)
-    new_weight = None
-    if how.method == "sparsegpt":
-        new_weight, mask = sparsegpt_prune(
-            module.weight,
-            hessian,
-            how.sparsity,
-            prune_n=how.n,
-            prune_m=how.m,
-            blocksize=how.blocksize,
-            percdamp=how.percdamp,
-        )
-    else:
-        scores = (
-            magnitude_scores(module.weight)
-            if how.method == "magnitude"
-            else wanda_scores(module.weight, norm)
-        )
-        pattern = "unstructured" if how.kind == masks_mod.UNSTRUCTURED else f"{how.n}:{how.m}"
-        mask = masks_mod.select_mask(scores, pattern, how.sparsity)
-    gram = hessian if gram is None else gram
-    extra: dict[str, Any] = {}
-    if gram is not None:
-        n_m = (how.n, how.m) if how.kind == masks_mod.N_M else None
-        resolve = None
-        if how.method == "sparsegpt":
-            resolve = lambda keep: sparsegpt_prune(  # noqa: E731 - re-solve the kept weights for a refined mask
-                module.weight, hessian, how.sparsity, prune_n=how.n, prune_m=how.m,
-                blocksize=how.blocksize, percdamp=how.percdamp, mask=keep,
-            )[0]
-        mask, new_weight, extra = finish_plan(
-            module.weight, mask, new_weight, gram, n_m=n_m, settings=how.refine, resolve=resolve
-        )
-    row = {**_report_row(name, module, mask, time.perf_counter() - start), **extra}
-    # One-shot planning holds every linear's plan until all exist: keep them on the host, not the device
-    # (SparseGPT's new weights of an 8B model would be a second copy of it there).
-    return mask.cpu(), None if new_weight is None else new_weight.cpu(), row
 
 
 @records_recipe
@@ -372,7 +267,7 @@ def apply(
                 "MLP block is pruned at the same ratio. Drop them, or prune unstructured."
             )
         meta.update(score=score or "wanda-sp", bias_compensation=bias_compensation)
-        return _apply_structured(
+        return apply_structured(
             model, store, sparsity, sink_aware, settings, accumulate, structured_mode, meta
         )
     try:
@@ -385,18 +280,28 @@ def apply(
     # Mixture-of-experts: fused expert slices join the selection, routers leave it (prune.experts).
     linears, fallbacks = experts_mod.select(model, linears, store, method, targets, ignore)
     left_out = coverage_mod.check_selection(model, linears, strict=strict)
-    how = _Selection(method, float(sparsity), kind, n, m, blocksize, percdamp, refining)
+    how = planning.Selection(method, float(sparsity), kind, n, m, blocksize, percdamp, refining)
     gram_needed = refine or allocation == "sensitivity" or layer_error is True
     if sequential:
         onload = (device, offload_device, cache_dir)
         alloc = (allocation, owl_m, owl_lambda, sensitivity_range)
-        targets = _targets_sequential(
+        targets = sequential_engine.targets_sequential(
             model, store, linears, how, alloc, sink_aware, settings, accumulate, onload
         )
         meta = _record_targets(meta, targets)
-        result = _apply_sequential(
-            model, store, linears, meta, how, sink_aware, settings, accumulate, progress, onload,
-            targets=targets, grams=refine or layer_error is True,
+        result = sequential_engine.apply_sequential(
+            model,
+            store,
+            linears,
+            meta,
+            how,
+            sink_aware,
+            settings,
+            accumulate,
+            progress,
+            onload,
+            targets=targets,
+            grams=refine or layer_error is True,
         )
         result.coverage = coverage_mod.report_selection(model, result.masks, left_out)
         return result
@@ -407,30 +312,45 @@ def apply(
     elif method == "sparsegpt":
         hessians = hessians_from_store(store, sink_aware, settings)
     grams = hessians or (
-        {} if layer_error is False else
-        grams_from_store(store, sink_aware, settings, required=gram_needed, why=_why(refine, allocation))
+        {}
+        if layer_error is False
+        else grams_from_store(store, sink_aware, settings, required=gram_needed, why=_why(refine, allocation))
     )
     targets = allocation_mod.resolve(
-        allocation, model, {name: module.weight for name, module in linears.items()}, sparsity,
-        norms=lambda: norms or activation_norms(store, sink_aware=sink_aware, settings=settings,
-                                                accumulate=accumulate),
+        allocation,
+        model,
+        {name: module.weight for name, module in linears.items()},
+        sparsity,
+        norms=lambda: (
+            norms or activation_norms(store, sink_aware=sink_aware, settings=settings, accumulate=accumulate)
+        ),
         curves=lambda candidates: {
-            name: [(s, _error_at(name, module, replace(how, sparsity=s, refine=None), norms, grams))
-                   for s in candidates]
-            for name, module in linears.items() if name in grams and name not in fallbacks
+            name: [
+                (
+                    s,
+                    sequential_engine.error_at(
+                        name, module, replace(how, sparsity=s, refine=None), norms, grams
+                    ),
+                )
+                for s in candidates
+            ]
+            for name, module in linears.items()
+            if name in grams and name not in fallbacks
         },
-        owl_m=owl_m, owl_lambda=owl_lambda, spread=sensitivity_range,
+        owl_m=owl_m,
+        owl_lambda=owl_lambda,
+        spread=sensitivity_range,
     )
     meta = _record_targets(meta, targets)
 
-    def how_for(name: str) -> _Selection:
+    def how_for(name: str) -> planning.Selection:
         chosen = how if targets is None else replace(how, sparsity=targets[name])
         return replace(chosen, method="magnitude") if name in fallbacks else chosen
 
     # In a process group each rank plans a share of the linears and receives the rest (prune.distributed).
     plan, rows = plan_linears(
         linears,
-        lambda name, module: _plan_linear(
+        lambda name, module: planning.plan_linear(
             name, module, how_for(name), norms.get(name), hessians.get(name), grams.get(name)
         ),
         method=method,
@@ -440,12 +360,12 @@ def apply(
     backup = {name: linears[name].weight.detach().to("cpu", copy=True) for name in plan}
     try:
         for name, (mask, new_weight) in plan.items():
-            _write(linears[name], mask, new_weight)
-        _check_written(linears, plan)
+            planning.write(linears[name], mask, new_weight)
+        planning.check_written(linears, plan)
     except BaseException:
-        _restore(linears, backup)
+        planning.restore(linears, backup)
         raise
-    result = _result(plan, write_check.measured_rows(linears, rows), meta)
+    result = planning.make_result(plan, write_check.measured_rows(linears, rows), meta)
     experts_mod.annotate(result.report, fallbacks)
     result.coverage = coverage_mod.report_selection(model, plan, left_out)
     return result
@@ -477,234 +397,3 @@ def _why(refine: bool, allocation) -> str:
     if refine:
         return "refine=True"
     return "allocation='sensitivity'" if allocation == "sensitivity" else "layer_error=True"
-
-
-def _error_at(name, module, how: _Selection, norms: dict, grams: dict) -> float:
-    """The relative error of ``module`` pruned by ``how`` (sensitivity's candidates)."""
-    gram = grams[name]
-    hessian = gram if how.method == "sparsegpt" else None
-    return _plan_linear(name, module, how, norms.get(name), hessian, gram)[2]["error"]
-
-
-def _targets_sequential(model, store, linears, how, alloc, sink_aware, settings, accumulate, onload):
-    """Per-linear sparsity for sequential pruning, measured on the dense model (engine pass if needed)."""
-    from prune.engine.allocation_blockwise import measure_dense
-
-    allocation, owl_m, owl_lambda, spread = alloc
-    device, offload_device, cache_dir = onload
-    sinks = settings if sink_aware else None
-
-    def norms() -> dict[str, Tensor]:
-        if store.options.get("linear_stats"):
-            return activation_norms(store, sink_aware=sink_aware, settings=settings, accumulate=accumulate)
-        return measure_dense(model, store, linears, lambda n, mod, g: g.norm(), statistic="sumsq",
-                             sink_settings=sinks, device=device, offload_device=offload_device,
-                             cache_dir=cache_dir)
-
-    def curves(candidates):
-        def curve(name, module, group):
-            gram = group.hessian()
-            chosen = lambda s: replace(how, sparsity=s, refine=None)  # noqa: E731
-            return [(s, _error_at(name, module, chosen(s), {name: norm_from_gram(gram)}, {name: gram}))
-                    for s in candidates]
-
-        return measure_dense(model, store, linears, curve, statistic="hessian", sink_settings=sinks,
-                             device=device, offload_device=offload_device, cache_dir=cache_dir)
-
-    weights = {name: module.weight for name, module in linears.items()}
-    return allocation_mod.resolve(allocation, model, weights, how.sparsity, norms=norms, curves=curves,
-                                  owl_m=owl_m, owl_lambda=owl_lambda, spread=spread)
-
-
-def _check_written(linears: dict[str, Any], plan: dict[str, tuple[Tensor, Tensor | None]]) -> None:
-    """Read every written weight back from the model: its zeros must cover its mask (prune.write_check)."""
-    write_check.check_written(linears, {name: mask for name, (mask, _) in plan.items()})
-
-
-def _restore(linears: dict[str, Any], backup: dict[str, Tensor]) -> None:
-    for name, weight in backup.items():
-        linears[name].weight.copy_(weight.to(linears[name].weight.device))
-
-
-def _write(module: nn.Linear, mask: Tensor, new_weight: Tensor | None) -> None:
-    if new_weight is not None:
-        module.weight.copy_(new_weight.to(module.weight.dtype))
-    module.weight.mul_(mask.to(module.weight.device, module.weight.dtype))
-
-
-def _report_row(name: str, module: nn.Linear, mask: Tensor, seconds: float) -> dict[str, Any]:
-    return {
-        "layer": name,
-        "shape": f"{module.out_features}x{module.in_features}",
-        "sparsity": masks_mod.achieved_sparsity(mask),
-        "seconds": seconds,
-    }
-
-
-def _result(plan: dict[str, tuple[Tensor, Tensor | None]], rows: list[dict], meta: dict) -> PruneResult:
-    import pandas as pd
-
-    columns = ["layer", "shape", "sparsity", "seconds", "error", "error_before", "swaps"]
-    columns = columns[:5] + [c for c in columns[5:] if any(c in row for row in rows)]
-    report = pd.DataFrame(rows, columns=columns)  # error: NaN where no Gram matrix was at hand
-    if len(report):
-        overall = allocation_mod.global_sparsity({name: mask for name, (mask, _) in plan.items()})
-        logger.info("pruned %d linears, achieved sparsity %.4f overall", len(report), overall)
-    return PruneResult(
-        masks={name: mask.cpu() for name, (mask, _) in plan.items()},
-        report=report,
-        settings=meta,
-        weights={name: w.cpu() for name, (_, w) in plan.items() if w is not None},
-    )
-
-
-def _apply_sequential(
-    model, store, linears, meta, how: _Selection, sink_aware, settings, accumulate, progress, onload,
-    *, targets=None, grams=False,
-) -> PruneResult:
-    """Block-wise sequential pruning (:mod:`prune.blockwise`), undone entirely if anything fails.
-
-    ``targets``: per-linear sparsity (allocation); ``grams``: accumulate Hessians for every method
-    (refinement, ``layer_error=True``).
-    """
-    from prune.engine.block_experts import ExpertBlockStatistics
-    from prune.engine.blockwise import prune_blockwise, steps_from_store
-
-    device, offload_device, cache_dir = onload
-    host = host_device(offload_device)  # where the rollback copy and SparseGPT's weights are kept
-    statistic = {"wanda": "sumsq" if accumulate == "wanda" else "norms", "sparsegpt": "hessian"}
-    statistic = statistic.get(how.method)
-    if grams and statistic != "hessian":
-        if how.method == "wanda" and accumulate != "wanda":
-            raise ValueError(
-                "block-wise refinement and layer_error=True measure Hessians and take Wanda's norm from "
-                "their diagonal, which is accumulate='wanda'; pass accumulate='wanda' or prune one-shot."
-            )
-        statistic = "hessian"
-    steps = steps_from_store(store, settings if sink_aware else None) if statistic else []
-    steps, finish_statistics = share_steps(steps)  # process group: each rank a share, sums all-reduced
-    backup: dict[str, Tensor] = {}  # original weights of the blocks pruned so far, on offload_device
-    plan: dict[str, tuple[Tensor, Tensor | None]] = {}
-    rows = []
-    notes: dict[str, str] = {}
-
-    def plan_one(name, module, stats):  # module: an nn.Linear, or a fused expert slice (SliceView)
-        group = stats.of(name) if stats is not None else None
-        if stats is not None and group is None:
-            raise ValueError(
-                f"{name} received no input while its block ran over the calibration steps; exclude "
-                "it with ignore= or check that the block calls it"
-            )
-        starved = stats is not None and stats.starved(name)
-        gram = group.hessian() if group is not None and group.kind == "hessian" and not starved else None
-        norm = None
-        if how.method == "wanda" and not starved:
-            norm = norm_from_gram(gram) if gram is not None else group.norm()
-        hessian = gram if how.method == "sparsegpt" else None
-        chosen = how if targets is None else replace(how, sparsity=targets[name])
-        return _plan_linear(name, module, replace(chosen, method="magnitude") if starved else chosen,
-                            norm, hessian, gram)
-
-    pending: dict[str, tuple[Tensor, Tensor | None]] = {}  # the block's plans until its last pass
-
-    def prune_block(block, stats) -> None:
-        # The linears this pass measured (MoE SparseGPT: one bounded group of experts per pass).
-        names = [name for name in block.linears if stats is None or stats.measures(name)]
-        for name in names:  # on every rank: another rank may plan the linear
-            if stats is not None and stats.of(name) is not None and stats.starved(name):
-                notes[name] = experts_mod.FALLBACK_NOTE
-        # In a process group each rank plans a share of the block's linears (prune.distributed).
-        block_plan, block_rows = plan_linears(
-            {name: linears[name] for name in names},
-            lambda name, module: plan_one(name, module, stats),
-            method=how.method,
-            progress=False,
-        )
-        rows.extend(block_rows)
-        pending.update(block_plan)
-        if stats is not None and not stats.last:
-            return  # the block's later passes must run it dense
-        for name, (mask, new_weight) in pending.items():  # the whole block planned: now write it
-            backup[name] = linears[name].weight.detach().to(host, copy=True)
-            _write(linears[name], mask, new_weight)
-            plan[name] = (mask.cpu(), None if new_weight is None else new_weight.to(host))
-        pending.clear()
-
-    try:
-        prune_blockwise(
-            model,
-            steps,
-            list(linears),
-            prune_block,
-            statistic=statistic,
-            device=device,
-            offload_device=offload_device,
-            cache_dir=cache_dir,
-            finish_statistics=finish_statistics,
-            statistics=ExpertBlockStatistics,
-            progress=progress,
-        )
-        _check_written(linears, plan)  # every block is home again: read the weights where they live
-    except BaseException:
-        _restore(linears, backup)
-        raise
-    result = _result(plan, write_check.measured_rows(linears, rows), meta)
-    experts_mod.annotate(result.report, notes)
-    return result
-
-
-def _apply_structured(model, store, ratio, sink_aware, settings, accumulate, mode, meta) -> PruneResult:
-    """Wanda-sp / FLAP structured pruning from the store's activation norms (``prune.structured``).
-
-    Refuses what it cannot honour before computing anything: another method (the score is Wanda's),
-    ``sequential=True``, or an architecture without adapters. The report has one row per
-    linear whose shape changed: dense → pruned shape, the fraction of its weights removed, and an
-    equal share of the total planning + slicing time.
-    """
-    from prune.methods import structured
-
-    if meta["method"] != "wanda":
-        raise ValueError(
-            f"pattern='structured' scores heads and channels with Wanda-sp (|W| times activation norms); "
-            f"method={meta['method']!r} is not available for it. Use method='wanda' (the default)."
-        )
-    if meta["sequential"]:
-        raise ValueError("pattern='structured' is one-shot from the store; pass sequential=False.")
-    structured.find_structures(model)  # unsupported architecture: fail before reading the store
-    start = time.perf_counter()
-    norms = activation_norms(store, sink_aware=sink_aware, settings=settings, accumulate=accumulate)
-    for name, norm in norms.items():
-        _finite(name, norm)
-    from prune.engine.flap import structured_inputs
-
-    scores, means = structured_inputs(
-        store, model, meta["score"], meta["bias_compensation"], sink_aware, settings
-    )
-    plan = structured.plan_structured(
-        model, norms, ratio, mode=mode, scores=scores, act_means=means, create_bias=means is not None
-    )
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    dense = {n: (m.out_features, m.in_features) for n, m in linears.items()}
-    structured.apply_plan(model, plan)
-    seconds = time.perf_counter() - start
-    rows = []
-    for name, (out_f, in_f) in dense.items():
-        module = linears[name]
-        if (module.out_features, module.in_features) != (out_f, in_f):
-            rows.append(
-                {
-                    "layer": name,
-                    "shape": f"{out_f}x{in_f}->{module.out_features}x{module.in_features}",
-                    "sparsity": 1 - module.out_features * module.in_features / (out_f * in_f),
-                    "seconds": 0.0,
-                }
-            )
-    for row in rows:  # planning and slicing are not timed per linear: share the total equally
-        row["seconds"] = seconds / len(rows)
-    import pandas as pd
-
-    report = pd.DataFrame(rows, columns=["layer", "shape", "sparsity", "seconds"])
-    logger.info(
-        "structured pruning (%s, ratio %.3f) shrank %d linears in %.2fs", mode, ratio, len(rows), seconds
-    )
-    return PruneResult(masks={}, report=report, settings={**meta, "structured_mode": mode}, plan=plan)

@@ -235,7 +235,7 @@ def apply_blocks(
     """``prune.apply(..., pattern="blocks")``: score, select, remove (see the module docstring)."""
     import pandas as pd
 
-    from prune.engine.apply import PruneResult
+    from prune.engine.planning import PruneResult
 
     if store is None:
         raise ValueError("pattern='blocks' scores blocks from a calibration store; pass one.")

@@ -175,7 +175,7 @@ def apply_experts(model: nn.Module, store, ratio: float, *, score: str, sink_awa
     """``prune.apply(..., pattern="experts")`` (see the module docstring)."""
     import pandas as pd
 
-    from prune.engine.apply import PruneResult
+    from prune.engine.planning import PruneResult
 
     if store is None:
         raise ValueError("pattern='experts' scores experts from a calibration store; pass one.")

@@ -28,11 +28,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from attnprobe import BlockMassRecording, TrajectoryStore, calibration_steps
+from attnprobe import BlockMassRecording, TrajectoryStore, calibration_steps, token_cosine
 from prune.engine.block_cache import check_offload, open_cache
 from prune.engine.blockwise import CalibrationStep, capture_inputs, find_blocks
 from prune.engine.onload import block_device, onloaded
-from attnprobe import token_cosine
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import prune
 from tests import models
 
 # The module, not the function `prune.apply` that shadows it on the package.
-prune_apply = importlib.import_module("prune.engine.apply")
+prune_apply = importlib.import_module("prune.engine.planning")
 
 WINDOWS, TOKENS = 6, 32
 CALIBRATION = dict(mask_token_id=models.MASK_TOKEN_ID, steps=4, sample_interval=2, batch_size=1, seed=3)
@@ -118,19 +118,19 @@ def failures(net, store, tmp: Path, rank: int) -> dict[str, str]:
         out["calibrate"] = str(err)
     pruned = copy.deepcopy(net)
     before = {n: p.detach().clone() for n, p in pruned.named_parameters()}
-    real = prune_apply._plan_linear
+    real = prune_apply.plan_linear
 
     def broken(name, *args):
         if rank == 1 and name.endswith("layers.1.mlp.down_proj"):
             raise ValueError(f"statistics for {name} contain NaN (injected)")
         return real(name, *args)
 
-    prune_apply._plan_linear = broken
+    prune_apply.plan_linear = broken
     try:
         prune.apply(pruned, store, 0.5, method="wanda", progress=False)
     except (ValueError, RuntimeError) as err:
         out["apply"] = f"{type(err).__name__}: {err}"
     finally:
-        prune_apply._plan_linear = real
+        prune_apply.plan_linear = real
     out["unchanged"] = all(torch.equal(p, before[n]) for n, p in pruned.named_parameters())
     return out

@@ -19,7 +19,7 @@ from tests.prune.test_moe import _calibrated
 
 pytestmark = pytest.mark.moving_device
 
-apply_module = importlib.import_module("prune.engine.apply")
+apply_module = importlib.import_module("prune.engine.planning")  # where a weight is written
 
 CASES = [
     pytest.param("model.layers.1.mlp.up_proj", {}, id="one-shot"),
@@ -28,14 +28,14 @@ CASES = [
 
 
 def _skip_write_of(monkeypatch, module):
-    real = apply_module._write
+    real = apply_module.write
 
     def flaky(target, mask, new_weight):
         if getattr(target, "name", None) == module or target is module:
             return  # the planted failure: this weight is never written
         real(target, mask, new_weight)
 
-    monkeypatch.setattr(apply_module, "_write", flaky)
+    monkeypatch.setattr(apply_module, "write", flaky)
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
@@ -68,14 +68,14 @@ def test_report_sparsity_is_read_from_the_weights(tmp_path, monkeypatch):
     model = models.llama_bidirectional(num_hidden_layers=2)
     store = _record(model, tmp_path / "s")
     q = model.model.layers[0].self_attn.q_proj
-    real = apply_module._write
+    real = apply_module.write
 
     def and_more(target, mask, new_weight):  # a write that zeros more than planned still covers it
         real(target, mask, new_weight)
         if target is q:
             target.weight[:, :4] = 0
 
-    monkeypatch.setattr(apply_module, "_write", and_more)
+    monkeypatch.setattr(apply_module, "write", and_more)
     result = prune.apply(model, store, 0.5, sequential=True, device="cpu", progress=False)
     rows = dict(zip(result.report["layer"], result.report["sparsity"]))
     assert (

@@ -147,18 +147,18 @@ def test_next_step_is_loaded_in_the_background(tmp_path, monkeypatch):
 
 
 def test_failure_removes_the_cache_and_restores_the_weights(tmp_path, monkeypatch):
-    apply_mod = importlib.import_module("prune.engine.apply")
+    apply_mod = importlib.import_module("prune.engine.planning")  # where one linear is planned
     model = models.tiny_llada(n_layers=3)
     store = _store(model, tmp_path / "s", False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    real = apply_mod._plan_linear
+    real = apply_mod.plan_linear
 
     def failing(name, *args, **kwargs):
         if ".blocks.2." in name:
             raise RuntimeError("planted failure")
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(apply_mod, "_plan_linear", failing)
+    monkeypatch.setattr(apply_mod, "plan_linear", failing)
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()
     with pytest.raises(RuntimeError, match="planted"):

@@ -175,18 +175,18 @@ def test_sequential_masks_equal_the_quadratic_procedure(tmp_path, arch, build, m
 
 
 def test_a_failure_in_a_later_block_restores_every_block(tmp_path, monkeypatch):
-    apply_mod = importlib.import_module("prune.engine.apply")  # the module (prune.apply is the function)
+    apply_mod = importlib.import_module("prune.engine.planning")  # where one linear is planned
     model = models.tiny_llada(n_layers=3)
     store = _record(model, tmp_path / "s")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    real = apply_mod._plan_linear
+    real = apply_mod.plan_linear
 
     def failing(name, *args, **kwargs):
         if ".blocks.2." in name:
             raise RuntimeError("planted failure")
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(apply_mod, "_plan_linear", failing)
+    monkeypatch.setattr(apply_mod, "plan_linear", failing)
     with pytest.raises(RuntimeError, match="planted"):
         prune.apply(model, store, 0.5, method="sparsegpt", sequential=True, blocksize=16, progress=False)
     for name, param in model.named_parameters():

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import attnprobe
-from attnprobe.layout.experts import ExpertSet, reduce_experts
+from attnprobe.layout.experts import ExpertSet
+from attnprobe.recording.expert_stats import reduce_experts
 from prune.engine.statistics import SinkSettings, activation_norms
 from tests import models, moe_models
 from tests.prune.moe_reference import expert_statistics, sink_weights
