@@ -50,14 +50,16 @@ def _reference_qwen3_moe(model, store):
         for h in handles:
             h.remove()
         for i, (hidden, index, gates) in calls.items():
+            hidden, gates = hidden.detach(), gates.detach()
             experts = layers[i].mlp.experts
+            up_gate, down = experts.gate_up_proj.detach().double(), experts.down_proj.detach().double()
             for token in range(hidden.shape[0]):
                 for slot in range(index.shape[1]):
                     e = int(index[token, slot])
-                    gate, up = (experts.gate_up_proj[e].double() @ hidden[token].double()).chunk(2)
-                    y = experts.down_proj[e].double() @ (F.silu(gate) * up)
+                    gate, up = (up_gate[e] @ hidden[token].double()).chunk(2)
+                    y = down[e] @ (F.silu(gate) * up)
                     sums[i][:, e] += torch.tensor(
-                        [float(gates[token, slot].detach()) * float(y.norm()), float(y.norm()), 1.0],
+                        [float(gates[token, slot]) * float(y.norm()), float(y.norm()), 1.0],
                         dtype=torch.float64,
                     )
     return sums
