@@ -35,10 +35,22 @@ def build_model(hidden: int = 256, layers: int = 4, experts: int = 16):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     config = Qwen3MoeConfig(
-        vocab_size=1024, hidden_size=hidden, intermediate_size=4 * hidden, moe_intermediate_size=hidden,
-        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=hidden // 8,
-        num_experts=experts, num_experts_per_tok=4, decoder_sparse_step=1, mlp_only_layers=[],
-        max_position_embeddings=4096, is_causal=False, mask_token_id=MASK, attn_implementation="sdpa",
+        vocab_size=1024,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        moe_intermediate_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=hidden // 8,
+        num_experts=experts,
+        num_experts_per_tok=4,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=4096,
+        is_causal=False,
+        mask_token_id=MASK,
+        attn_implementation="sdpa",
     )
     torch.manual_seed(0)
     return Qwen3MoeForCausalLM(config).float().eval()
@@ -63,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         def run():
             with attnprobe.record(model, linear_stats=stats, mask_token_id=MASK):
                 model(input_ids=ids)
+
         return run
 
     pairs = {"plain": [], "attention": [], "statistics": []}

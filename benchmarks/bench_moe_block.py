@@ -21,7 +21,7 @@ copy), as in ``bench_scale.py``. The projection to E experts:
     peak(E) = block bf16 weights(E) + P · A + (extra − 8 · A) + activations(L = 4096)
 
 - ``A`` = one expert's float32 Hessians, (H² + I²) · 4 B (exact: the accumulators of
-  ``prune.block_experts``), and ``P`` = the experts in the largest pass: min(E, EXPERT_PASS_BYTES // A)
+  ``prune.engine.block_experts``), and ``P`` = the experts in the largest pass: min(E, EXPERT_PASS_BYTES // A)
   with ``EXPERT_PASS_BYTES`` = 2 GiB;
 - ``extra − 8 · A`` is the measured rest of the slice (attention and shared-expert Hessians,
   SparseGPT's float32 temporaries for one linear, one expert's routed rows, activations at L = 128);

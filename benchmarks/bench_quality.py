@@ -2,7 +2,7 @@
 
 Prints progress lines, then one JSON object as its last line:
 
-- ``refine_seconds_per_2048``: seconds of :func:`prune.refine.refine_mask` (default bounds: 30
+- ``refine_seconds_per_2048``: seconds of :func:`prune.methods.refine.refine_mask` (default bounds: 30
   iterations, 16 candidates per side) on one 2048×2048 layer whose Wanda mask is 60% sparse, with a
   Gram matrix of 8,192 correlated input rows; ``sparsegpt_seconds_per_2048``: SparseGPT on the same
   layer and Hessian, same run; ``refine_over_sparsegpt``: their ratio. ``refine_error_ratio``: the

@@ -17,7 +17,7 @@
    astray, as the stale expert views of issue 19 did).
 
 ``--small`` shrinks every size so that the script can be checked on a CPU (no numbers to report); on
-a CPU the MoE case runs under the moving device (``prune.onload.moving_device``), so that its onloads
+a CPU the MoE case runs under the moving device (``prune.engine.onload.moving_device``), so that its onloads
 copy and poison as a real move would.
 Last line JSON. Usage: ``python benchmarks/gpu_check.py [--small]``.
 """
@@ -185,7 +185,13 @@ def moe_blockwise(device: str, widths: dict, layers: int, length: int, tmp: Path
         start = time.perf_counter()
         with moving_device(device == "cpu"):  # on a CPU: copy and poison as a real move would
             prune.apply(
-                model, store, 0.5, method=method, sink_aware=True, sequential=True, device=device,
+                model,
+                store,
+                0.5,
+                method=method,
+                sink_aware=True,
+                sequential=True,
+                device=device,
                 progress=False,
             )
         sync(device)
@@ -193,11 +199,13 @@ def moe_blockwise(device: str, widths: dict, layers: int, length: int, tmp: Path
         peak = torch.cuda.max_memory_allocated() - base if device.startswith("cuda") else 0
         experts = [p for n, p in model.named_parameters() if ".experts." in n]
         zeros = sum(int((p == 0).sum()) for p in experts) / sum(p.numel() for p in experts)
-        out.update({
-            f"moe_{method}_device_peak_gib": peak / 2**30,
-            f"moe_{method}_block_seconds": seconds / layers,
-            f"moe_{method}_expert_sparsity": zeros,
-        })
+        out.update(
+            {
+                f"moe_{method}_device_peak_gib": peak / 2**30,
+                f"moe_{method}_block_seconds": seconds / layers,
+                f"moe_{method}_expert_sparsity": zeros,
+            }
+        )
     return out
 
 
@@ -212,16 +220,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.small:
         widths = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=4, intermediate_size=384)
         layers, length, pairs = 2, 128, 2
-        moe = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
-                   intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
+        moe = dict(
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=16,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+        )
         moe_length = 64
     else:
         widths = dict(
             hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, intermediate_size=12288
         )
         layers, length, pairs = 8, 4096, 5
-        moe = dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, head_dim=128,
-                   intermediate_size=8192, moe_intermediate_size=1024, num_experts=64, num_experts_per_tok=8)
+        moe = dict(
+            hidden_size=2048,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            head_dim=128,
+            intermediate_size=8192,
+            moe_intermediate_size=1024,
+            num_experts=64,
+            num_experts_per_tok=8,
+        )
         moe_length = 2048
     result = {
         "device": torch.cuda.get_device_name(0) if device != "cpu" else "cpu",

@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if rank == 0:
         prune.save_masks(
-            result.masks, args.out / "masks.safetensors", settings=result.settings, model=model,
+            result.masks,
+            args.out / "masks.safetensors",
+            settings=result.settings,
+            model=model,
             weights=result.weights or None,
         )
         summary = {

@@ -1,7 +1,7 @@
 """Accuracy of a shipped model (dense, pruned from masks, or in memory) on the local lm-eval task.
 
 The demo and the results script share this: it runs ``lm_eval.simple_evaluate`` offline with the
-``attnprobe`` model (``prune.harness``) on ``examples/tasks/attnprobe_continuation.yaml``.
+``attnprobe`` model (``prune.evaluation.harness``) on ``examples/tasks/attnprobe_continuation.yaml``.
 """
 
 from __future__ import annotations

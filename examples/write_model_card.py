@@ -112,7 +112,7 @@ def dlm_samples(model_dir: Path) -> list[tuple[str, str]] | None:
     try:
         from attnprobe.denoising.sampler import generate
     except ImportError as err:
-        logger.warning("skipping samples: attnprobe.sampler does not import (%s)", err)
+        logger.warning("skipping samples: attnprobe.denoising.sampler does not import (%s)", err)
         return None
     tokenizer = ByteTokenizer.load(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -165,7 +165,7 @@ def _samples_section(samples: list | None) -> list[str]:
     lines = [
         "## Samples",
         "",
-        "Greedy generation of `tiny-dlm` with `attnprobe.sampler.generate` (64 bytes, 64 steps, "
+        "Greedy generation of `tiny-dlm` with `attnprobe.denoising.sampler.generate` (64 bytes, 64 steps, "
         "blocks of 16, low-confidence remasking). A model this small, decoded greedily, falls back on "
         "frequent words and spaces: the samples show that the sampler runs, not that the model writes well.",
         "",

@@ -19,7 +19,7 @@ if _ROOT not in sys.path:
 # -- the moving device --------------------------------------------------------------------------------
 # Tests (or modules, via `pytestmark = pytest.mark.moving_device`) marked `moving_device` run twice:
 # `[plain]`, with onloading as it is on this machine (device="cpu" moves nothing), and `[moving]`,
-# with ATTNPROBE_MOVING_DEVICE=1 (prune.moving_device): every onload copies into fresh storage and the
+# with ATTNPROBE_MOVING_DEVICE=1 (prune.engine.moving_device): every onload copies into fresh storage and the
 # host copies are NaN while their block is away, as on a real accelerator. The variable is set in the
 # environment, so processes the test spawns (a process group) move too. Every test added to a marked
 # module runs both ways. (A mark on one pytest.param is not seen here: mark the whole test.)
@@ -42,7 +42,7 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(autouse=True)
 def onload_mode(request, monkeypatch):
-    """"plain" or "moving" for tests marked moving_device; None (environment untouched) otherwise."""
+    """ "plain" or "moving" for tests marked moving_device; None (environment untouched) otherwise."""
     # imported here: at conftest import time `prune` would resolve to tests/prune (first on sys.path)
     from prune.engine.moving_device import ENV_VAR
 

@@ -53,6 +53,7 @@ def use_eager_attention(model: nn.Module) -> nn.Module:
         model.config._attn_implementation = "eager"
     return model
 
+
 _SMALL = dict(
     vocab_size=VOCAB_SIZE,
     hidden_size=32,

@@ -234,8 +234,10 @@ class LLaDA2FusedExperts(nn.Module):
             token, slot = torch.where(selected_experts == e)
             if token.numel():
                 x = hidden[token]
-                y = F.linear(self.act_fn(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]),
-                             self.down_proj[e])
+                y = F.linear(
+                    self.act_fn(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]),
+                    self.down_proj[e],
+                )
                 out.index_add_(0, token, y * routing_weights[token, slot, None].to(y.dtype))
         return out
 

@@ -2,7 +2,8 @@
 
 Sink-Aware Pruning (arXiv 2602.17664) observes that the sinks of diffusion LMs move across denoising
 steps while those of AR models stay on the first tokens. :func:`plot_sinks` draws that side by side,
-one column per store. Everything it shows comes from :mod:`attnprobe.sinks` (the one sink rule and the
+one column per store. Everything it shows comes from :mod:`attnprobe.analysis.sinks` (the one sink rule and
+the
 per-layer metrics); this module only draws. matplotlib is imported inside the function and draws on an
 Agg canvas (no pyplot, no backend switch), so importing or calling it needs no display and changes no
 global state.

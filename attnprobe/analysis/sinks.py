@@ -9,7 +9,7 @@ layers and heads and only valid (non-padding) keys counted::
     w[k] = 1 - s[k]
 
 How sinks move along a denoising trajectory (temporal variance, Jaccard stability, concentration, and
-the tables over a store) lives in :mod:`attnprobe.trajectory`. Every function here is pure.
+the tables over a store) lives in :mod:`attnprobe.analysis.trajectory`. Every function here is pure.
 """
 
 from __future__ import annotations

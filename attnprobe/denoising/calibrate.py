@@ -147,7 +147,8 @@ def calibrate(
         shape = tuple(input_ids.shape)
         summary = (shape, _checksum(input_ids), steps, sample_interval, eps, seed, batch_size)
         distributed.check_agreement(
-            summary, "calibrate()'s (shape, ids checksum, steps, sample_interval, eps, seed, batch_size)",
+            summary,
+            "calibrate()'s (shape, ids checksum, steps, sample_interval, eps, seed, batch_size)",
             "Pass the same input_ids and options on every rank; calibrate() splits them across ranks.",
         )
         share = distributed.shard_range(len(starts))

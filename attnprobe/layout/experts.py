@@ -255,12 +255,17 @@ def routing_from_call(es: ExpertSet, args: tuple, kwargs: dict, output=None) -> 
     return (hidden, index.detach()) if index is not None else None
 
 
-def attach(model: nn.Module, sets: list[ExpertSet], on_routing: Callable[[ExpertSet, Tensor, Tensor], None],
-           on_fail: Callable[[ExpertSet], None]) -> list:
+def attach(
+    model: nn.Module,
+    sets: list[ExpertSet],
+    on_routing: Callable[[ExpertSet, Tensor, Tensor], None],
+    on_fail: Callable[[ExpertSet], None],
+) -> list:
     """Register one capture hook per expert set; returns the handles (the caller removes them)."""
     modules = dict(model.named_modules())
     handles = []
     for es in sets:
+
         def fire(result, es=es):
             if result is None:
                 on_fail(es)

@@ -1,9 +1,10 @@
 """Attention hooks of a recording: which layer an SDPA call belongs to, and its attention mass.
 
-:class:`AttentionHooks` is the part of :class:`attnprobe.record.Recording` that turns SDPA calls into
-per-layer mass. Forward pre/post hooks on the attention modules found by :mod:`attnprobe.registry`
-keep a stack of which module is running, so each call the :class:`~attnprobe.capture.SdpaObserver`
-hands over is attributed to a layer by name; the mass is computed right away (:mod:`attnprobe.mass`)
+:class:`AttentionHooks` is the part of :class:`attnprobe.recording.record.Recording` that turns SDPA calls
+into
+per-layer mass. Forward pre/post hooks on the attention modules found by :mod:`attnprobe.layout.registry`
+keep a stack of which module is running, so each call the :class:`~attnprobe.recording.capture.SdpaObserver`
+hands over is attributed to a layer by name; the mass is computed right away (:mod:`attnprobe.recording.mass`)
 and added to the running forward. It reads the recording's state (``layout``, ``_forward``,
 ``_replay``, ``_heads``, ``_workspace``, ``max_chunk_bytes``, ``_warn_once``).
 """
@@ -17,7 +18,7 @@ from attnprobe.recording.mass import sdpa_call_mass
 
 
 class AttentionHooks:
-    """Attention-module and SDPA hooks, mixed into :class:`attnprobe.record.Recording`."""
+    """Attention-module and SDPA hooks, mixed into :class:`attnprobe.recording.record.Recording`."""
 
     def _attach_attention_hooks(self, modules: dict[str, nn.Module]) -> list:
         """Pre/post hooks on every attention module, keeping the stack of running attention modules."""

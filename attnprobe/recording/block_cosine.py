@@ -6,9 +6,9 @@ output. A diffusion LM runs every block once per denoising step, so the recorder
 every step, block, sample and token: ``block_cos/<block name>`` (batch, tokens) float32 in the step
 file. That is one float per token and block, ``heads`` times less than the attention mass the step
 already stores, and it keeps every weighting open: ``prune`` averages it plainly or with any sink
-weights (:mod:`prune.block_influence`) without running the model again.
+weights (:mod:`prune.engine.block_influence`) without running the model again.
 
-:class:`BlockCosineHooks` is the part of :class:`attnprobe.record.Recording` that attaches the block
+:class:`BlockCosineHooks` is the part of :class:`attnprobe.recording.record.Recording` that attaches the block
 hooks: a pre-hook holds a reference to the block's input (the residual stream, alive anyway) and the
 post-hook reduces it against the output at once, so nothing is held past the block.
 :class:`CosineProbe` is the same measurement without a recording, for re-measuring a pruned model.
@@ -90,10 +90,11 @@ def attach_cosine_hooks(
 
 
 class BlockCosineHooks:
-    """Block hooks of a recording, mixed into :class:`attnprobe.record.Recording`.
+    """Block hooks of a recording, mixed into :class:`attnprobe.recording.record.Recording`.
 
     Reads the recording's ``layout``, ``_forward``, ``_replay`` and ``_other_thread``; writes
-    ``forward.block_cos[block] = (batch, tokens)`` float32, which :mod:`attnprobe.step_reduce` stacks
+    ``forward.block_cos[block] = (batch, tokens)`` float32, which :mod:`attnprobe.recording.step_reduce`
+    stacks
     into the step file.
     """
 

@@ -4,8 +4,8 @@
 run one block at a time over every calibration step (``prune.record_blockwise`` drives that: it
 captures the first block's inputs and feeds each block the previous block's outputs). This module is
 attnprobe's side of it: :class:`BlockMassRecording` sees the SDPA calls made inside one block call
-(:class:`~attnprobe.capture.SdpaObserver`, attributed to attention modules by pre/post hooks as in
-the recorder), computes their mass with :func:`attnprobe.mass.sdpa_call_mass` (padded queries add
+(:class:`~attnprobe.recording.capture.SdpaObserver`, attributed to attention modules by pre/post hooks as in
+the recorder), computes their mass with :func:`attnprobe.recording.mass.sdpa_call_mass` (padded queries add
 nothing, padded keys get nothing, GQA and ``is_causal`` as SDPA) and, once every block has run,
 writes an ordinary store: one file per step with every layer's mass, ``valid``, ``input_ids`` and the
 step's metadata, read by :func:`attnprobe.open` like a recorded one (``linear_stats=False``).
@@ -216,7 +216,8 @@ class BlockMassRecording:
         self, steps: list[tuple[Tensor, Tensor, dict[str, Any]]], extra: list[dict[str, Tensor]] | None = None
     ) -> TrajectoryStore:
         """Write one store step per ``(input_ids, valid, meta)``, in order, with every layer's mass
-        (and ``extra[i]``'s tensors in step i, e.g. the block cosines of :mod:`attnprobe.block_cosine`).
+        (and ``extra[i]``'s tensors in step i, e.g. the block cosines of
+        :mod:`attnprobe.recording.block_cosine`).
 
         Raises:
             RuntimeError: if no SDPA call was seen (eager attention), or a layer lacks a step.

@@ -2,7 +2,7 @@
 
 REAP (Lasby et al., in llm-compressor 0.13) scores a routed expert ``j`` by the mean, over the tokens
 routed to it, of ``g_j(x) · ‖f_j(x)‖₂``: its router (gate) weight times the norm of its output. The
-recorder captures each MoE layer's hidden states and routing index (:mod:`attnprobe.experts`); here the
+recorder captures each MoE layer's hidden states and routing index (:mod:`attnprobe.layout.experts`); here the
 expert's output is recomputed from its own weights for its routed rows, and the router weights by
 calling the router on the same hidden states:
 

@@ -74,7 +74,7 @@ def reduce_experts(
     cand_flat = cand[:, 0] * tokens + cand[:, 1]
     out = {}
     index = index.to(hidden.device)
-    gates = router_weights(model_modules, es, hidden, index)  # REAP's g (attnprobe.expert_saliency)
+    gates = router_weights(model_modules, es, hidden, index)  # REAP's g (attnprobe.recording.expert_saliency)
     slots = routed_slots(index, es.num_experts)
     for expert, rows in enumerate(routed_rows(index, es.num_experts)):
         x = hidden[rows]

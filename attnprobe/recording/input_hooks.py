@@ -1,12 +1,12 @@
 """Input hooks of a recording: where block linears and routed experts hand over their inputs.
 
-:class:`InputHooks` is the part of :class:`attnprobe.record.Recording` that collects what the linear
+:class:`InputHooks` is the part of :class:`attnprobe.recording.record.Recording` that collects what the linear
 statistics are reduced from. Pre-hooks on the dense ``nn.Linear`` modules of each block keep a reference
 to the step's inputs (one-pass) or reduce them during the replay (two-pass); routed experts get their
-hidden states and routing index from :mod:`attnprobe.experts` instead, since their linears see only the
+hidden states and routing index from :mod:`attnprobe.layout.experts` instead, since their linears see only the
 tokens routed to them. It reads the recording's state (``_forward``, ``_step``, ``_replay``,
 ``two_pass``, ``_want_hessians``, ``_warn_once``); the end-of-step reduction is
-:mod:`attnprobe.step_reduce`.
+:mod:`attnprobe.recording.step_reduce`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from attnprobe.recording.linear_stats import reduce_inputs
 
 
 class InputHooks:
-    """Linear and routed-expert input hooks, mixed into :class:`attnprobe.record.Recording`."""
+    """Linear and routed-expert input hooks, mixed into :class:`attnprobe.recording.record.Recording`."""
 
     def _attach_input_hooks(self, modules: dict[str, nn.Module]) -> list:
         """Hook every block linear (except fused or routed experts') and every expert set's routing."""

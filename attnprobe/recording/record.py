@@ -124,7 +124,8 @@ class Recording(StoreView, AttentionHooks, InputHooks, BlockCosineHooks, StepRed
             )
         self.model = model
         self.layout = discover(model, targets)
-        # Routed experts get per-expert statistics from their routing (attnprobe.experts), not linear hooks.
+        # Routed experts get per-expert statistics from their routing (attnprobe.layout.experts), not linear
+        # hooks.
         self._experts = moe.discover_experts(model, sorted(set(self.layout.blocks.values())))
         self._expert_linears = {n for es in self._experts if not es.spec.fused for n in es.weight_names()}
         config = getattr(model, "config", None)
@@ -239,7 +240,7 @@ class Recording(StoreView, AttentionHooks, InputHooks, BlockCosineHooks, StepRed
     def _detach(self) -> None:
         _ACTIVE.pop(self.model, None)
         if self._mode is not None:
-            self._mode.close()  # safe when recordings close out of order (attnprobe.capture)
+            self._mode.close()  # safe when recordings close out of order (attnprobe.recording.capture)
             self._mode = None
         while self._handles:
             self._handles.pop().remove()

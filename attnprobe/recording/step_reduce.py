@@ -1,7 +1,8 @@
 """The end of a recorded step: stack its forwards' mass, reduce the held linear inputs with the step's
 sink weights, write the step file, then add the step's share to the Hessians.
 
-:class:`StepReduction` is the part of :class:`attnprobe.record.Recording` that runs when a step ends;
+:class:`StepReduction` is the part of :class:`attnprobe.recording.record.Recording` that runs when a step
+ends;
 it reads the recording's state (``_layers``, ``_heads``, ``_writer``, ``_hessians``, the sink and
 statistics options, ``model`` for two-pass replays). The dataclasses are what the recorder's hooks
 collect during a step.
@@ -60,7 +61,7 @@ class Replay:
 
 
 class StepReduction:
-    """End-of-step reduction and writing, mixed into :class:`attnprobe.record.Recording`."""
+    """End-of-step reduction and writing, mixed into :class:`attnprobe.recording.record.Recording`."""
 
     def _finish_step(self, step: Step) -> None:
         forwards = [f for f in step.forwards if f.mass]
@@ -87,7 +88,7 @@ class StepReduction:
         if self.save_input_ids and all(i is not None for i in ids):
             tensors["input_ids"] = torch.cat(ids)
         meta = {**step.meta, "num_forwards": len(forwards), "mask_ratio": self._mask_ratio(tensors, valid)}
-        for block in forwards[0].block_cos:  # attnprobe.block_cosine: blocks every forward ran
+        for block in forwards[0].block_cos:  # attnprobe.recording.block_cosine: blocks every forward ran
             if all(block in f.block_cos for f in forwards):
                 tensors[f"block_cos/{block}"] = torch.cat([f.block_cos[block] for f in forwards])
         groups: dict[str, list[str]] = {}

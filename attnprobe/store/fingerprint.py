@@ -2,7 +2,7 @@
 
 A fingerprint holds the model class, each block linear's shape and a *weight sample*: a few strided
 entries of each linear's weight, taken when the recording starts. Fused experts keep their weights in
-3-D parameters ``(experts, out, in)`` (:mod:`attnprobe.experts`), not in ``nn.Linear``s: each such
+3-D parameters ``(experts, out, in)`` (:mod:`attnprobe.layout.experts`), not in ``nn.Linear``s: each such
 parameter gets its own strided sample with its shape (``expert_weight_sample``; stores written before
 it have none and compare linears only). Shapes tell architectures apart;
 the sample tells checkpoints of one architecture apart (a store recorded from the base model is
@@ -151,7 +151,7 @@ def _same_values(stored: dict[str, Any], mine: dict[str, Any] | None, dtype, kee
 def _expert_keep(name: str, shape: tuple[int, int, int], keep: dict[str, Tensor]) -> Tensor | None:
     """Which sampled entries of 3-D ``name`` are kept, from the ``(out, in)`` masks of its slices.
 
-    A slice is ``<name>.<e>`` (:func:`attnprobe.experts.expert_weight`); a slice without a mask keeps
+    A slice is ``<name>.<e>`` (:func:`attnprobe.layout.experts.expert_weight`); a slice without a mask keeps
     every entry, a mask of another shape keeps none (the comparison then finds a difference).
     """
     if not any(k.startswith(f"{name}.") for k in keep):
@@ -244,7 +244,7 @@ def store_fingerprint(model: nn.Module, linears: list[str], experts: list) -> di
 
     One definition for every writer of a store (:func:`attnprobe.record`, the block-wise mass pass), so
     ``prune`` checks the same fields whichever wrote it. ``experts``: the
-    :class:`~attnprobe.experts.ExpertSet` list of the model (empty for a dense model).
+    :class:`~attnprobe.layout.experts.ExpertSet` list of the model (empty for a dense model).
     """
     return {
         **model_fingerprint(model, linears),

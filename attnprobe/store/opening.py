@@ -16,7 +16,7 @@ def open_store(path: str | Path) -> TrajectoryStore:
 
     Reads ``manifest.json`` and lists ``steps/``; step files are read only when asked for. A store
     written by a process group (one shard per rank) opens as one
-    :class:`~attnprobe.shards.ShardedStore`, a ``TrajectoryStore`` over all its shards.
+    :class:`~attnprobe.store.shards.ShardedStore`, a ``TrajectoryStore`` over all its shards.
 
     Args:
         path: the store directory.

@@ -333,7 +333,7 @@ class TrajectoryStore:
         """
         out: dict[str, dict[str, Tensor]] = {}
         for name, tensor in self._read(step, lambda n: n.startswith("stats/")).items():
-            group, field = name[len("stats/"):].rsplit("/", 1)
+            group, field = name[len("stats/") :].rsplit("/", 1)
             out.setdefault(group, {})[field] = tensor
         return out
 

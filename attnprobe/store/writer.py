@@ -94,7 +94,7 @@ class StoreWriter:
                 before the first step, are not compared).
 
         In a ``torch.distributed`` process group of more than one rank, with a ``path``, this is a
-        collective: every rank writes its own shard of one sharded store (:mod:`attnprobe.shards`),
+        collective: every rank writes its own shard of one sharded store (:mod:`attnprobe.store.shards`),
         and :attr:`store` reads all of them as one. Appending to a sharded store (from a group or
         from one process) adds a session of shards after the existing ones.
 

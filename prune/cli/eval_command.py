@@ -1,7 +1,8 @@
 """``attnprobe eval MODEL_OR_DIR --tasks ... [lm-eval arguments]``: lm-eval's CLI with ``attnprobe``.
 
 lm-eval 0.4.13 discovers no models from other packages, so this command imports
-:mod:`prune.harness` (which registers the model ``attnprobe``) and then runs lm-eval's own command line
+:mod:`prune.evaluation.harness` (which registers the model ``attnprobe``) and then runs lm-eval's own command
+line
 (``lm-eval run``) with ``--model attnprobe`` and ``pretrained=MODEL_OR_DIR`` put in front of the
 ``--model_args`` you give (``masks=...``, ``mc_num=...``, ``batch_size=...``). Every other argument is
 lm-eval's. ``MODEL_OR_DIR`` is a hub id, a checkpoint directory, or the ``--output`` directory of
@@ -92,4 +93,4 @@ def run(argv: list[str]) -> int:
         print(f"attnprobe: error: {err}", file=sys.stderr)
         return 2
     print("lm-eval run " + " ".join(arguments), file=sys.stderr)
-    return prune.harness.main(["run", *arguments])
+    return prune.evaluation.harness.main(["run", *arguments])

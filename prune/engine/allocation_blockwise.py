@@ -2,7 +2,7 @@
 
 Sequential pruning (``sequential=True``) has no store statistics to read, so ``"owl"`` (input norms,
 when the store has none) and ``"sensitivity"`` (every linear's error curve) run the block-wise engine
-(:mod:`prune.blockwise`) once over the recorded steps before pruning: each block's statistics are
+(:mod:`prune.engine.blockwise`) once over the recorded steps before pruning: each block's statistics are
 accumulated, every linear is measured, and nothing is written. The cost is one more pass of the
 engine (two block forwards per step and block) and, for sensitivity, one method solve per candidate
 sparsity and linear. In a process group the steps are shared and the statistics summed, as when
@@ -44,7 +44,7 @@ def measure_dense(
         store: the calibration store whose steps are replayed.
         linears: the selected linears (or expert slices).
         per_linear: the measurement, called while the linear's block is on its compute device.
-        statistic: ``"sumsq"`` or ``"hessian"`` (:mod:`prune.block_stats`).
+        statistic: ``"sumsq"`` or ``"hessian"`` (:mod:`prune.engine.block_stats`).
         sink_settings: sink weights of the rows (sink-aware), or None.
         device, offload_device, cache_dir: onloading and the block-input cache, as in ``prune.apply``.
         progress: show a progress bar.

@@ -1,12 +1,12 @@
 """``prune.apply``: score, select and apply sparse masks in place, transactionally.
 
 Phases stay visible: statistics (from the store, or by running its recorded inputs through the blocks,
-:mod:`prune.blockwise`) → scores → masks → apply. One-shot pruning computes every mask before any
+:mod:`prune.engine.blockwise`) → scores → masks → apply. One-shot pruning computes every mask before any
 weight changes, so a failure anywhere leaves the model untouched. Sequential pruning must change block
 i before it can measure block i + 1; it copies each block's weights to ``offload_device`` before
 writing them and restores every written block if anything fails. Either way, every weight written is
-then read back from the model and its zeros must cover its mask (:mod:`prune.write_check`); if not,
-every weight is restored and :class:`prune.write_check.WriteCheckError` names the failures.
+then read back from the model and its zeros must cover its mask (:mod:`prune.engine.write_check`); if not,
+every weight is restored and :class:`prune.engine.write_check.WriteCheckError` names the failures.
 """
 
 from __future__ import annotations
@@ -138,10 +138,10 @@ def apply(
         method: ``"magnitude"``, ``"wanda"`` (arXiv 2306.11695) or ``"sparsegpt"`` (arXiv 2301.00774).
         sink_aware: down-weight sink token rows by ``w = 1 − s`` before scoring (arXiv 2602.17664).
         pattern: ``"unstructured"`` (exact count per output row), ``"N:M"`` (N pruned of every M
-            consecutive inputs), or ``"structured"`` (see :mod:`prune.structured`).
+            consecutive inputs), or ``"structured"`` (see :mod:`prune.methods.structured`).
         sequential: prune block by block, each block's statistics measured on inputs propagated through
             the already-pruned blocks (as Wanda and SparseGPT publish), by the block-wise engine
-            (:mod:`prune.blockwise`): the store's input ids are embedded once, then every block runs
+            (:mod:`prune.engine.blockwise`): the store's input ids are embedded once, then every block runs
             twice per step, so the cost is linear in depth. Sink weights come from the store's
             attention mass; linear statistics and Hessians on disk are not needed. Default ``False``:
             one shot from the store, no forward pass for the Wanda family, so changing sink
@@ -157,11 +157,13 @@ def apply(
         blocksize, percdamp: SparseGPT's block size and damping.
         structured_mode: ``"uniform"`` or ``"global"`` for ``pattern="structured"``.
         score: how whole units are scored. ``pattern="blocks"``: ``"bi"`` (default, Block Influence over
-            every recorded step, :mod:`prune.block_influence`) or ``"bi-clean"`` (clean steps only);
-            ``"experts"``: ``"reap"`` (default), ``"frequency"`` or ``"norm"`` (:mod:`prune.expert_removal`);
-            ``"structured"``: ``"wanda-sp"`` (default) or ``"flap"`` (:mod:`prune.flap`).
+            every recorded step, :mod:`prune.engine.block_influence`) or ``"bi-clean"`` (clean steps only);
+            ``"experts"``: ``"reap"`` (default), ``"frequency"`` or ``"norm"``
+            (:mod:`prune.engine.expert_removal`);
+            ``"structured"``: ``"wanda-sp"`` (default) or ``"flap"`` (:mod:`prune.engine.flap`).
         bias_compensation: ``pattern="structured"``: add the removed channels' mean output to the bias (FLAP).
-        iterative: ``pattern="blocks"``: remove one block at a time and re-measure (:mod:`prune.blocks`).
+        iterative: ``pattern="blocks"``: remove one block at a time and re-measure
+        (:mod:`prune.engine.blocks`).
         keep_ends: ``pattern="blocks"``: never remove the first or the last block.
         allow_other_weights: apply a store whose weight sample differs from ``model``'s (a store of
             the base model applied to a fine-tuned sibling, on purpose). Class and shapes must match.
@@ -176,8 +178,8 @@ def apply(
         cache_dir: with ``offload_device="disk"``, where the temporary directory is made (default:
             the system's temporary directory); it is deleted when ``apply`` returns or fails.
         strict: raise instead of warning when a weight-bearing block parameter has no adapter and so
-            would stay dense (:mod:`prune.coverage`); routers and the user's exclusions never warn.
-        allocation: how ``sparsity`` is spread over the linears (:mod:`prune.allocation`, unstructured
+            would stay dense (:mod:`prune.engine.coverage`); routers and the user's exclusions never warn.
+        allocation: how ``sparsity`` is spread over the linears (:mod:`prune.methods.allocation`, unstructured
             only): ``"uniform"``, ``"owl"`` (arXiv 2310.05175, with ``owl_m`` = M and ``owl_lambda`` =
             λ), ``"sensitivity"`` (each linear's measured error at ``sparsity ± sensitivity_range``,
             summed error minimised under the global budget), a ``{name regex: sparsity}`` mapping or a
@@ -185,11 +187,11 @@ def apply(
             selected weights at ``sparsity`` (within one row); the per-linear values go to
             ``settings["layer_sparsity"]``.
         refine: refine each mask by error-lowering 1-swaps within rows under the (sink-weighted)
-            Gram matrix (SparseSwaps, arXiv 2512.10922; :mod:`prune.refine`): at most
+            Gram matrix (SparseSwaps, arXiv 2512.10922; :mod:`prune.methods.refine`): at most
             ``refine_iterations`` swaps per row, ``refine_candidates`` candidates per side, and
             ``refine_seconds`` per linear. One-shot it needs a store recorded with ``hessians=True``.
         layer_error: add each linear's relative error ``‖(W − Ŵ)X‖² / ‖WX‖²`` to the report
-            (:mod:`prune.layer_error`). None: when the Gram matrix is at hand (the store's Hessians
+            (:mod:`prune.methods.layer_error`). None: when the Gram matrix is at hand (the store's Hessians
             one-shot; SparseGPT's, refinement's or ``layer_error=True``'s block-wise). True: always
             (block-wise Wanda then accumulates Hessians instead of norms). False: never.
         progress: show progress bars.
@@ -201,7 +203,7 @@ def apply(
         ValueError: bad arguments, a store from another model or checkpoint or lacking what the method
             needs, or NaN/Inf statistics. The model is left untouched.
         TypeError: ``store`` is not a store, a closed recording or a path.
-        prune.write_check.WriteCheckError: a weight read back after the write is not zero where its
+        prune.engine.write_check.WriteCheckError: a weight read back after the write is not zero where its
             mask prunes; every weight was restored first.
 
     Example:
@@ -211,7 +213,9 @@ def apply(
     kind, n, m = _validate(method, sparsity, pattern, accumulate)
     allocation_mod.check(allocation, kind, owl_m, owl_lambda, sensitivity_range)
     if refine not in (True, False):
-        raise ValueError(f"refine must be True (SparseSwaps 1-swaps, prune.refine) or False, got {refine!r}")
+        raise ValueError(
+            f"refine must be True (SparseSwaps 1-swaps, prune.methods.refine) or False, got {refine!r}"
+        )
     if refine and kind == "structured":
         raise ValueError("refine=True swaps weights inside rows; pattern='structured' removes whole rows.")
     refining = RefineSettings(refine_iterations, refine_candidates, refine_seconds) if refine else None
@@ -248,7 +252,7 @@ def apply(
             f"device={device!r} onloads blocks one at a time, which only sequential pruning does; pass "
             "sequential=True, or move the model to the device yourself for one-shot pruning."
         )
-    if kind in ("blocks", "experts"):  # whole blocks or experts leave the model (prune.removal)
+    if kind in ("blocks", "experts"):  # whole blocks or experts leave the model (prune.engine.removal)
         from prune.engine.removal import apply_removal
 
         how = (score, sink_aware, settings, iterative, keep_ends)
@@ -277,7 +281,7 @@ def apply(
             raise
         linears = {}
     check_materialized(linears)
-    # Mixture-of-experts: fused expert slices join the selection, routers leave it (prune.experts).
+    # Mixture-of-experts: fused expert slices join the selection, routers leave it (prune.engine.experts).
     linears, fallbacks = experts_mod.select(model, linears, store, method, targets, ignore)
     left_out = coverage_mod.check_selection(model, linears, strict=strict)
     how = planning.Selection(method, float(sparsity), kind, n, m, blocksize, percdamp, refining)
@@ -347,7 +351,8 @@ def apply(
         chosen = how if targets is None else replace(how, sparsity=targets[name])
         return replace(chosen, method="magnitude") if name in fallbacks else chosen
 
-    # In a process group each rank plans a share of the linears and receives the rest (prune.distributed).
+    # In a process group each rank plans a share of the linears and receives the rest
+    # (prune.engine.distributed).
     plan, rows = plan_linears(
         linears,
         lambda name, module: planning.plan_linear(

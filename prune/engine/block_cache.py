@@ -1,6 +1,6 @@
 """Cached block inputs of the block-wise engine, in host memory or on disk, one step at a time.
 
-The block-wise engine (:mod:`prune.blockwise`) keeps, for every calibration step, the current block's
+The block-wise engine (:mod:`prune.engine.blockwise`) keeps, for every calibration step, the current block's
 input: the hidden states, which change after every block, and the other arguments of the block's call
 (rotary tables, attention masks, position ids), which do not. For LLaDA-8B at the paper's recipe
 (128 windows × 10 noise levels × 4096 tokens, hidden 4096, bf16) the hidden states alone are 40 GiB.

@@ -1,7 +1,7 @@
 """Per-expert statistics inside the block-wise engine: one block's routed experts, a bounded group at a time.
 
-:class:`ExpertBlockStatistics` is a :class:`prune.block_stats.BlockStatistics` that also measures
-the block's routed experts (:mod:`attnprobe.experts`): while the block runs over the cached inputs of
+:class:`ExpertBlockStatistics` is a :class:`prune.engine.block_stats.BlockStatistics` that also measures
+the block's routed experts (:mod:`attnprobe.layout.experts`): while the block runs over the cached inputs of
 every step, one hook per MoE layer captures its hidden states and routing, and each expert's input
 groups (gate/up input, down input) accumulate the same running sums as a linear's (``sumsq``,
 ``norms`` or ``hessian``, rows weighted by the step's sink weight times padding), over exactly the
@@ -60,7 +60,7 @@ class ExpertBlockStatistics(BlockStatistics):
     """The statistics of one block's selected linears and routed experts, in bounded passes.
 
     Args:
-        block: a :class:`prune.blockwise.Block` (its ``linears`` may name fused expert slices).
+        block: a :class:`prune.engine.blockwise.Block` (its ``linears`` may name fused expert slices).
         kind: ``"sumsq"``, ``"norms"`` or ``"hessian"``.
         pass_bytes: the float32 expert accumulators one pass may hold (default
             :data:`EXPERT_PASS_BYTES`).

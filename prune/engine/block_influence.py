@@ -8,8 +8,8 @@ here the mean runs over every recorded step, sample and valid token:
     BI_b = 1 − Σ_(step, b, t) u_t · cos_t / Σ_(step, b, t) u_t
 
 with ``u_t = 1`` on valid tokens (plain) or ``u_t = w_t``, the sink weight ``1 − s_t`` of the step
-(sink-aware, :func:`prune.statistics.step_weights`, any sink parameters: the store keeps the cosine
-of every token, :mod:`attnprobe.block_cosine`). The per-step table gives the same mean within each
+(sink-aware, :func:`prune.engine.statistics.step_weights`, any sink parameters: the store keeps the cosine
+of every token, :mod:`attnprobe.recording.block_cosine`). The per-step table gives the same mean within each
 step, so the score can be read per noise level.
 
 ``score="bi-clean"`` is the autoregressive-style baseline: the same formula over the steps whose input

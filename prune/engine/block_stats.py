@@ -1,6 +1,6 @@
 """Running statistics of one block's linear inputs, accumulated in place in float32 on their device.
 
-The block-wise engine (:mod:`prune.blockwise`) runs one block over every calibration step. Pre-hooks
+The block-wise engine (:mod:`prune.engine.blockwise`) runs one block over every calibration step. Pre-hooks
 on the block's linears hand each input to :class:`BlockStatistics`, which keeps, per *input group*
 (linears fed the very same tensor, e.g. q/k/v or gate/up, are reduced once), one running sum:
 
@@ -27,7 +27,8 @@ from attnprobe import row_statistics
 from prune.methods.wanda import accumulation_term, finish_norm
 
 KINDS = ("sumsq", "norms", "hessian")
-_ACCUMULATE = {"sumsq": "wanda", "norms": "reference"}  # the input-norm kinds, as prune.wanda names them
+# the input-norm kinds, as prune.methods.wanda names them
+_ACCUMULATE = {"sumsq": "wanda", "norms": "reference"}
 
 
 class InputStatistics:
@@ -122,7 +123,7 @@ class BlockStatistics:
         self._weights: Tensor | None = None
         self._seen: dict[int, tuple[str, weakref.ref]] = {}
 
-    last = True  # one pass measures everything (prune.block_experts splits experts into several)
+    last = True  # one pass measures everything (prune.engine.block_experts splits experts into several)
 
     def passes(self) -> Iterator[BlockStatistics]:
         """The passes the block runs over the steps for these statistics: one, measuring every linear."""

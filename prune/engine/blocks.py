@@ -1,7 +1,7 @@
 """Block removal: ``prune.apply(model, store, ratio, pattern="blocks")`` drops whole transformer blocks.
 
 Which blocks: the ``round(ratio · n)`` (half up) with the lowest Block Influence
-(:mod:`prune.block_influence`), never the first or the last block unless ``keep_ends=False``.
+(:mod:`prune.engine.block_influence`), never the first or the last block unless ``keep_ends=False``.
 
 - One shot (``iterative=False``, the default): the scores of the dense model, read from the store, no
   forward pass; ShortGPT's procedure.

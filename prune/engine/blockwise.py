@@ -11,7 +11,7 @@ costs O(L):
    default; ``"disk"``: memory-mapped files, :mod:`prune.engine.block_cache`) in the model's dtype; arguments
    equal in every step are kept once; KV caches handed to the block are dropped.
 2. **Block by block.** Block b runs over the cached inputs of every step with pre-hooks on its linears
-   accumulating their input statistics (:mod:`prune.block_stats`, float32, in place, on the block's
+   accumulating their input statistics (:mod:`prune.engine.block_stats`, float32, in place, on the block's
    device); :func:`_finish_block_statistics` completes them (the hook point for data parallelism);
    the caller prunes the block; block b runs again over the same inputs, now pruned, and its outputs
    replace the cache: block b + 1's inputs. So each block runs twice per step, and only one block's
@@ -281,7 +281,7 @@ def prune_blockwise(
             its compute device; it plans the linears the pass measures (``stats.measures(name)``) and
             prunes the block in place after the last pass (``stats.last``); a block's weights must not
             change before that. Plain statistics have one pass.
-        statistic: ``"sumsq"``, ``"norms"`` or ``"hessian"`` (:mod:`prune.block_stats`), or None
+        statistic: ``"sumsq"``, ``"norms"`` or ``"hessian"`` (:mod:`prune.engine.block_stats`), or None
             (magnitude pruning: no forward at all).
         device: onload each block (and, for the capture, the rest of the model) to this device;
             None computes every block where it lives.
@@ -291,7 +291,7 @@ def prune_blockwise(
             (default: the system's temporary directory).
         finish_statistics: replaces :func:`_finish_block_statistics` (e.g. an all-reduce).
         statistics: builds a block's statistics from ``(block, statistic)`` (default
-            :class:`BlockStatistics` of its linears; :class:`prune.block_experts.ExpertBlockStatistics`
+            :class:`BlockStatistics` of its linears; :class:`prune.engine.block_experts.ExpertBlockStatistics`
             also measures routed experts).
         progress: show a progress bar over the blocks.
     """

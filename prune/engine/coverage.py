@@ -165,8 +165,14 @@ def report(model: nn.Module, selected: Iterable[str], slices: Iterable[str], lef
         weights = int(table["weights"].sum())
         considered = float((table["considered"] * table["weights"]).sum()) / max(weights, 1)
         zeros = int(table["zeros"].sum())
-        total = {"block": "(all blocks)", "weights": weights, "considered": considered, "zeros": zeros,
-                 "sparsity": zeros / max(weights, 1), "left_out": f"{len(left_out)} parameter(s)"}
+        total = {
+            "block": "(all blocks)",
+            "weights": weights,
+            "considered": considered,
+            "zeros": zeros,
+            "sparsity": zeros / max(weights, 1),
+            "left_out": f"{len(left_out)} parameter(s)",
+        }
         table = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
     return table
 
@@ -182,9 +188,7 @@ def check_selection(model: nn.Module, selection: Iterable[str], *, strict: bool 
         linears = discover(model).linears
     except ValueError:
         linears = ()
-    return check(
-        model, selection, [*linears, *slices], experts.router_names(sets), slices, strict=strict
-    )
+    return check(model, selection, [*linears, *slices], experts.router_names(sets), slices, strict=strict)
 
 
 def report_selection(model: nn.Module, selection: Iterable[str], left_out: dict[str, str]) -> Any:

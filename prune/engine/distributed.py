@@ -8,7 +8,7 @@ mask (and SparseGPT's reconstructed weight), so every rank ends with the same pl
 same pruned model. A failure on any rank is raised on every rank before any weight changes.
 Without a process group (or with one rank) this is the plain loop.
 
-Block-wise sequential pruning (:mod:`prune.blockwise`) is data-parallel instead, as llm-compressor's
+Block-wise sequential pruning (:mod:`prune.engine.blockwise`) is data-parallel instead, as llm-compressor's
 sequential pipeline is: :func:`share_steps` gives each rank the contiguous share of the calibration
 steps that :func:`attnprobe.distributed.shard_range` names, every rank runs each block over its share,
 and :func:`all_reduce_block_statistics` (the engine's per-block hook) sums the block's statistics
@@ -86,7 +86,8 @@ def plan_linears(
             rows.append(row)
         return plan, rows
     check_agreement(
-        (method, list(linears)), "prune.apply's method and selected linears",
+        (method, list(linears)),
+        "prune.apply's method and selected linears",
         "Call prune.apply with the same arguments on every rank of the process group.",
     )
     owners = assign_owners({name: _cost(module, method) for name, module in linears.items()}, world)
@@ -120,7 +121,6 @@ def plan_linears(
     return plan, [rows_by_name[name] for name in linears]
 
 
-
 def all_reduce_block_statistics(stats: BlockStatistics) -> BlockStatistics:
     """Sum one block's statistics over the ranks, in place (every accumulator is a plain sum).
 
@@ -129,7 +129,8 @@ def all_reduce_block_statistics(stats: BlockStatistics) -> BlockStatistics:
     """
     layout = [(name, list(g.members), tuple(g.total.shape)) for name, g in stats.groups.items()]
     check_agreement(
-        layout, "the block's input groups (name, members, shape)",
+        layout,
+        "the block's input groups (name, members, shape)",
         "Every rank must run the same model over its share of the same calibration store.",
     )
     for tensor in stats.tensors():

@@ -1,7 +1,7 @@
 """Expert removal: ``prune.apply(model, store, ratio, pattern="experts")`` drops routed experts.
 
 Every MoE layer loses ``round(ratio · E)`` (half up) of its ``E`` routed experts, those with the lowest
-score over the calibration store (sums recorded by :mod:`attnprobe.expert_saliency`, over every step
+score over the calibration store (sums recorded by :mod:`attnprobe.recording.expert_saliency`, over every step
 and valid routed token; sink-aware: each token weighted by its sink weight ``w``):
 
 - ``"reap"`` (default; REAP, in llm-compressor 0.13): ``Σ g·‖y‖ / Σ 1`` over the tokens routed to the

@@ -5,7 +5,7 @@ Each expert weight is one (out, in) matrix: a ``ModuleList`` expert's ``nn.Linea
 (E, H, I); fused LLaDA2 ports ``gate_proj`` / ``up_proj`` / ``down_proj``). A slice is handed to the
 same planning code as a linear through :class:`SliceView`, so magnitude, Wanda and SparseGPT,
 unstructured and N:M, baseline and sink-aware, all apply per expert, with that expert's statistics
-(over exactly the tokens routed to it; :mod:`attnprobe.experts`).
+(over exactly the tokens routed to it; :mod:`attnprobe.layout.experts`).
 
 - An expert that received no calibration token has no statistics to score with: it falls back to
   magnitude, and its report row says so.

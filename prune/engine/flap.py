@@ -9,7 +9,7 @@ calibration tokens, since a constant contribution can be moved into the bias whe
 with ``Var_t(x_j) = E[x_j²] − E[x_j]²`` over every valid token of every recorded step (population
 variance, float64 sums of the store's float32 per-sample ``sum``/``sumsq``). Sink-aware, the token rows
 are ``w_t · x_t`` as for sink-aware Wanda (``wsum``/``wsumsq``): the moments of the down-weighted rows.
-A head's score is the sum over its channels, a KV group's over its heads (:mod:`prune.structured`).
+A head's score is the sum over its channels, a KV group's over its heads (:mod:`prune.methods.structured`).
 
 Bias compensation (FLAP): the removed channels' mean contribution ``W[:, removed] @ E[x_removed]`` is
 added to the output bias, with the plain (not sink-weighted) mean, since it replaces the expected
@@ -17,7 +17,7 @@ output of the dense model. Models without output biases (Llama, Qwen) get one: t
 no longer matches its config, so ``prune.save_pretrained`` writes the plan, not a checkpoint.
 
 Global allocation with per-layer standardisation, as FLAP's adaptive structure does, is
-``structured_mode="global"`` (:func:`prune.structured.select_global`).
+``structured_mode="global"`` (:func:`prune.methods.structured.select_global`).
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def fluctuation_scores(model: nn.Module, moments: dict[str, tuple[Tensor, Tensor
 def structured_inputs(
     store, model: nn.Module, score: str, bias_compensation: bool, sink_aware: bool, settings
 ):
-    """What :func:`prune.structured.plan_structured` needs beyond the Wanda norms: ``(scores, act_means)``."""
+    """What :func:`prune.methods.structured.plan_structured` needs beyond the Wanda norms: ``(scores,
+    act_means)``."""
     if score not in SCORES:
         raise ValueError(f"unknown structured score {score!r}; choose one of {SCORES}")
     scores = None

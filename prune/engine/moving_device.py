@@ -1,6 +1,6 @@
 """A device that moves, on the CPU: onloading that copies and poisons, so the device path runs in tests.
 
-With ``device="cpu"`` (or ``device=None``) :func:`prune.onload.onloaded` has nothing to move, so the
+With ``device="cpu"`` (or ``device=None``) :func:`prune.engine.onload.onloaded` has nothing to move, so the
 path a real CPU → GPU onload takes (fresh device storage, compute there, write back, restore) never
 runs on a machine without an accelerator, and code that holds a stale view of a host weight (taken
 before its block was onloaded) goes unnoticed: it reads and writes host storage that the write-back
@@ -18,11 +18,11 @@ Under the *moving device* every onload behaves as a real move:
 It costs two extra copies of one block's tensors and is meant for tests and debugging. Enable it
 
 - for a process and the processes it starts: the environment variable ``ATTNPROBE_MOVING_DEVICE=1``;
-- in a ``with`` block (this thread/context only): ``with prune.onload.moving_device(): ...``, which
+- in a ``with`` block (this thread/context only): ``with prune.engine.onload.moving_device(): ...``, which
   takes precedence over the environment (``moving_device(False)`` turns it off).
 
 Example:
-    >>> from prune.onload import moving_device                                     # doctest: +SKIP
+    >>> from prune.engine.onload import moving_device                                     # doctest: +SKIP
     >>> with moving_device():                                                      # doctest: +SKIP
     ...     prune.apply(model, store, 0.5, sequential=True, device="cpu")
 """

@@ -7,7 +7,7 @@ the block is done. Parameters keep their identity (``param.data`` is swapped), s
 references such as tied embeddings and the caller's dict of linears stay valid.
 
 On a machine without an accelerator, ``device="cpu"`` moves nothing, so this path would never run in
-tests: the *moving device* (:mod:`prune.moving_device`; ``ATTNPROBE_MOVING_DEVICE=1`` or
+tests: the *moving device* (:mod:`prune.engine.moving_device`; ``ATTNPROBE_MOVING_DEVICE=1`` or
 ``with moving_device():``) makes every onload copy into fresh storage and poison the host copies with
 NaN while the block is away, exactly as a real move would expose a stale view of a weight.
 
@@ -76,7 +76,8 @@ def onloaded(
     On exit (also after an error) each tensor is its original one again, on its original device; with
     ``write_back`` the values it was given meanwhile (pruned weights) are first copied into it, without
     allocating new host memory. ``device=None`` moves nothing. Under the moving device
-    (:mod:`prune.moving_device`: ``ATTNPROBE_MOVING_DEVICE=1`` or :func:`moving_device`) every tensor is
+    (:mod:`prune.engine.moving_device`: ``ATTNPROBE_MOVING_DEVICE=1`` or :func:`moving_device`) every tensor
+    is
     copied into fresh storage (on its own device when ``device=None``) and its host copy is NaN while
     away, as a real move would make any stale view of it.
     """

@@ -39,7 +39,7 @@ class PruneResult:
             mask alone does not reproduce them.
         plan: for ``pattern="structured"``, the structured plan that was applied.
         coverage: per block, the fraction of its weights considered, the achieved sparsity (zeros over
-            all its weights) and what was left out, and why (:mod:`prune.coverage`).
+            all its weights) and what was left out, and why (:mod:`prune.engine.coverage`).
         recipe: the :class:`prune.Recipe` of the run (also in ``settings["recipe"]``).
     """
 
@@ -71,7 +71,7 @@ class Selection:
     m: int
     blocksize: int
     percdamp: float
-    refine: RefineSettings | None = None  # mask refinement (prune.refine), or None
+    refine: RefineSettings | None = None  # mask refinement (prune.methods.refine), or None
 
 
 def plan_linear(
@@ -85,7 +85,7 @@ def plan_linear(
     """Mask, SparseGPT's new weight (or None) and report row of one linear; nothing is modified.
 
     With a Gram matrix (``gram``, or SparseGPT's ``hessian``) the plan is refined when ``how.refine``
-    says so and the row gains the layer's relative error (:mod:`prune.layer_error`).
+    says so and the row gains the layer's relative error (:mod:`prune.methods.layer_error`).
     """
     start = time.perf_counter()
     if how.method == "wanda" and norm is None or how.method == "sparsegpt" and hessian is None:
@@ -138,7 +138,8 @@ def plan_linear(
 
 
 def check_written(linears: dict[str, Any], plan: dict[str, tuple[Tensor, Tensor | None]]) -> None:
-    """Read every written weight back from the model: its zeros must cover its mask (prune.write_check)."""
+    """Read every written weight back from the model: its zeros must cover its mask
+    (prune.engine.write_check)."""
     write_check.check_written(linears, {name: mask for name, (mask, _) in plan.items()})
 
 

@@ -2,7 +2,7 @@
 
 ``attnprobe.record`` + ``attnprobe.calibrate`` run whole-model forwards. For a model that does not fit
 the device, :func:`record_blockwise` computes the same store with the block-wise engine's machinery
-(:mod:`prune.blockwise`):
+(:mod:`prune.engine.blockwise`):
 
 1. the steps are exactly :func:`attnprobe.calibrate`'s (``attnprobe.calibration_steps``: same
    windows, noise levels, seed and batches);
@@ -15,7 +15,7 @@ the device, :func:`record_blockwise` computes the same store with the block-wise
    ``pattern="blocks"``; the block's input and output are both at hand) and calibrate's step metadata.
 
 Each block runs once per step, so the pass costs one dense forward's compute and moves each block's
-weights to the device once (streaming whole-model forwards, :func:`prune.onload.streamed`, moves them
+weights to the device once (streaming whole-model forwards, :func:`prune.engine.onload.streamed`, moves them
 once per forward). ``prune.apply(..., sequential=True, device=...)`` then prunes from the store.
 """
 
@@ -107,7 +107,8 @@ def record_blockwise(
     full = [m if m is not None else torch.ones(i.shape, dtype=torch.bool) for m, i in zip(masks, ids)]
     cal_steps = [CalibrationStep(i, v.cpu()) for i, v in zip(ids, full)]
     blocks = find_blocks(model, [])
-    cosines: list[dict[str, Tensor]] = [{} for _ in cal_steps]  # Block Influence (attnprobe.block_cosine)
+    # Block Influence (attnprobe.recording.block_cosine)
+    cosines: list[dict[str, Tensor]] = [{} for _ in cal_steps]
     check_offload(offload_device, cache_dir)
     with (
         BlockMassRecording(model, path, mask_token_id=mask_token_id, overwrite=overwrite, **options) as rec,

@@ -1,8 +1,8 @@
 """Dispatch of ``prune.apply`` for the patterns that remove whole units: ``"blocks"`` and ``"experts"``.
 
 Both shrink the model into an ordinary dense checkpoint that serving engines load (fewer blocks, fewer
-experts), scored from the calibration store: :mod:`prune.blocks` (Block Influence over the denoising
-trajectory) and :mod:`prune.expert_removal` (REAP, frequency or output norm of each routed expert).
+experts), scored from the calibration store: :mod:`prune.engine.blocks` (Block Influence over the denoising
+trajectory) and :mod:`prune.engine.expert_removal` (REAP, frequency or output norm of each routed expert).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def apply_removal(
     keep_ends: bool,
     meta: dict[str, Any],
 ):
-    """Score and remove blocks or experts; returns the :class:`prune.apply.PruneResult`."""
+    """Score and remove blocks or experts; returns the :class:`prune.engine.apply.PruneResult`."""
     if meta.get("method") != "wanda" or meta.get("sequential"):
         raise ValueError(
             f"pattern={pattern!r} scores whole units with its own score= ; method= and sequential= do not "

@@ -101,7 +101,7 @@ def apply_sequential(
     targets=None,
     grams=False,
 ) -> planning.PruneResult:
-    """Block-wise sequential pruning (:mod:`prune.blockwise`), undone entirely if anything fails.
+    """Block-wise sequential pruning (:mod:`prune.engine.blockwise`), undone entirely if anything fails.
 
     ``targets``: per-linear sparsity (allocation); ``grams``: accumulate Hessians for every method
     (refinement, ``layer_error=True``).
@@ -153,7 +153,7 @@ def apply_sequential(
         for name in names:  # on every rank: another rank may plan the linear
             if stats is not None and stats.of(name) is not None and stats.starved(name):
                 notes[name] = experts_mod.FALLBACK_NOTE
-        # In a process group each rank plans a share of the block's linears (prune.distributed).
+        # In a process group each rank plans a share of the block's linears (prune.engine.distributed).
         block_plan, block_rows = plan_linears(
             {name: linears[name] for name in names},
             lambda name, module: plan_one(name, module, stats),

@@ -12,7 +12,7 @@ the sink rule at record time) and the squared input rows of *candidate* tokens (
   the default parameters and attention mass in units of layers × heads is 1 to many decimals.
 
 Two ways to accumulate over (sample, step) pairs, each a calibration "sequence" (defined once, in
-:mod:`prune.wanda`: ``ACCUMULATIONS``, ``accumulation_term``, ``finish_norm``):
+:mod:`prune.methods.wanda`: ``ACCUMULATIONS``, ``accumulation_term``, ``finish_norm``):
 
 - ``"wanda"`` (arXiv 2306.11695): ``norm_j = sqrt(mean over sequences of Σ_t x̃_tj²)``;
 - ``"reference"`` (the Sink-Aware Pruning public code): ``norm_j = Σ over sequences of ||x̃_:j||₂``.
@@ -78,9 +78,7 @@ def step_weights(store, settings: SinkSettings) -> dict[int, Tensor]:
             raise ValueError(
                 f"step {step} of {store.path} has no layer whose keys are its {valid.shape[1]} tokens"
             )
-        scores[step] = sink_scores(
-            total, valid, sink_std=settings.sink_std, sink_alpha=settings.sink_alpha
-        )
+        scores[step] = sink_scores(total, valid, sink_std=settings.sink_std, sink_alpha=settings.sink_alpha)
     if settings.policy == "all":
         return {step: 1 - s for step, s in scores.items()}
     by_sequence: dict[object, list[Tensor]] = {}

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 def apply_structured(
     model, store, ratio, sink_aware, settings, accumulate, mode, meta
 ) -> planning.PruneResult:
-    """Wanda-sp / FLAP structured pruning from the store's activation norms (``prune.structured``).
+    """Wanda-sp / FLAP structured pruning from the store's activation norms (``prune.methods.structured``).
 
     Refuses what it cannot honour before computing anything: another method (the score is Wanda's),
     ``sequential=True``, or an architecture without adapters. The report has one row per

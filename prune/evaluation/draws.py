@@ -70,9 +70,7 @@ def diffusion_draws(
     return noisy, masked, weight
 
 
-def masked_ce(
-    model: nn.Module, noisy: Tensor, targets: Tensor, masked: Tensor, shift_logits: bool
-) -> Tensor:
+def masked_ce(model: nn.Module, noisy: Tensor, targets: Tensor, masked: Tensor, shift_logits: bool) -> Tensor:
     """Per-row sum of float32 cross-entropy over the masked positions; (B,) float64."""
     logits = forward_logits(model, noisy)  # (B, L, V)
     if shift_logits:  # Dream: logits at i - 1 predict token i

@@ -7,10 +7,10 @@ command line with it registered (:mod:`prune.cli.eval_command`), from the reposi
     attnprobe eval examples/models/tiny-dlm --model_args mc_num=32 \\
         --include_path examples/tasks --tasks attnprobe_continuation
 
-(``python -m prune.harness --model attnprobe --model_args pretrained=...`` is the same with exactly
+(``python -m prune.evaluation.harness --model attnprobe --model_args pretrained=...`` is the same with exactly
 ``lm_eval``'s arguments)
 
-or from Python: ``import prune.harness`` then ``lm_eval.simple_evaluate(model="attnprobe", ...)``.
+or from Python: ``import prune.evaluation.harness`` then ``lm_eval.simple_evaluate(model="attnprobe", ...)``.
 
 Scoring. A model is a *diffusion* model when its config says ``is_causal=False`` or names a
 ``mask_token_id``; otherwise it is autoregressive and gets exact log-likelihoods.
@@ -53,7 +53,8 @@ try:
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "prune.harness needs lm-evaluation-harness 0.4.x: pip install 'attnprobe[eval]' (or 'lm-eval<0.5')."
+        "prune.evaluation.harness needs lm-evaluation-harness 0.4.x: pip install 'attnprobe[eval]' "
+        "(or 'lm-eval<0.5')."
     ) from err
 
 import attnprobe
@@ -62,6 +63,7 @@ from prune.evaluation.generation import Generation
 from prune.hub import DTYPES, load_pretrained
 
 logger = logging.getLogger(__name__)
+
 
 def _batch_size(value: Any) -> int:
     if isinstance(value, int):
@@ -103,7 +105,7 @@ class AttnprobeLM(Generation, LM):
             (L extra forwards per request); otherwise reported as False.
 
     Example:
-        >>> import lm_eval, prune.harness                                          # doctest: +SKIP
+        >>> import lm_eval, prune.evaluation.harness                                          # doctest: +SKIP
         >>> lm_eval.simple_evaluate(  # doctest: +SKIP
         ...     model="attnprobe", model_args="pretrained=examples/models/tiny-dlm",
         ...     tasks=["attnprobe_continuation"],

@@ -9,7 +9,7 @@ What each pattern writes (``out_dir`` is an ordinary Hugging Face model director
   and ``ignore`` (the other linears), with our ``method``, ``sparsity``, ``sink_aware``, ``sink_std``,
   ``sink_alpha``, ``sink_policy`` ... beside them. It is a plain config attribute, not a
   ``quantization_config``, so loading needs neither compressed-tensors nor this package.
-- **structured, uniform ratio**: the smaller model. :func:`prune.structured.apply_plan` has already
+- **structured, uniform ratio**: the smaller model. :func:`prune.methods.structured.apply_plan` has already
   written the new ``num_attention_heads`` / ``num_key_value_heads`` / ``head_dim`` /
   ``intermediate_size`` into the config, so ``from_pretrained`` builds the pruned shapes.
 - **structured, per-layer widths** (``structured_mode="global"``, bias compensation, or architectures
@@ -176,8 +176,10 @@ def save_pretrained(
                 "transformers config holds one head count and one MLP width for all layers, so "
                 "from_pretrained cannot rebuild per-layer widths. "
                 f"The plan was saved to {plan_path}; reload with "
-                "prune.structured.apply_plan(AutoModelForCausalLM.from_pretrained(DENSE_CHECKPOINT), "
-                f"prune.structured.load_plan('{plan_path}')), or prune with structured_mode='uniform'."
+                "prune.methods.structured.apply_plan("
+                "AutoModelForCausalLM.from_pretrained(DENSE_CHECKPOINT), "
+                f"prune.methods.structured.load_plan('{plan_path}')), "
+                "or prune with structured_mode='uniform'."
             )
     elif settings.get("pattern") not in ("blocks", "experts"):  # removal: the config already follows
         extra["sparsity_config"] = sparsity_config(model, result)

@@ -82,9 +82,7 @@ def sink_weight_grid(store: Any, sink_std: float | None = None, sink_alpha: floa
     from attnprobe import DEFAULT_SINK_ALPHA, DEFAULT_SINK_STD, sink_weights, step_mass
 
     std = sink_std if sink_std is not None else store.options.get("sink_std", DEFAULT_SINK_STD)
-    alpha = (
-        sink_alpha if sink_alpha is not None else store.options.get("sink_alpha", DEFAULT_SINK_ALPHA)
-    )
+    alpha = sink_alpha if sink_alpha is not None else store.options.get("sink_alpha", DEFAULT_SINK_ALPHA)
     steps = list(range(store.num_steps))
     if len(steps) > MAX_STEPS:
         steps = sorted({int(round(v)) for v in np.linspace(0, len(steps) - 1, MAX_STEPS)})

@@ -11,7 +11,7 @@
 - ``"sensitivity"`` (this project's, measured on the model): every linear is pruned by the chosen
   method at candidate sparsities ``s + δ``, ``δ ∈ {−r, −r/2, 0, r/2, r}`` (``r = sensitivity_range``),
   and its relative reconstruction error under the Gram matrix of its calibration inputs (over all the
-  recorded denoising steps; sink-weighted when sink-aware; :mod:`prune.layer_error`) is measured.
+  recorded denoising steps; sink-weighted when sink-aware; :mod:`prune.methods.layer_error`) is measured.
   Errors are interpolated linearly between candidates and the summed error is minimised under the
   global budget within ``[s − r, s + r]`` by greedy marginal allocation (optimal for convex curves):
   each step gives ``r / 10`` more sparsity to the linear whose error grows least per pruned weight.

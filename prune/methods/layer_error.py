@@ -13,7 +13,7 @@ Where ``G`` comes from (what it costs):
 
 - one-shot: the store's Hessians (``attnprobe.record(..., hessians=True)``): ``in²`` float32 per input
   group on disk, which SparseGPT needs anyway; Wanda and magnitude one-shot read them only for this
-  error, for refinement (:mod:`prune.refine`) and for ``allocation="sensitivity"``;
+  error, for refinement (:mod:`prune.methods.refine`) and for ``allocation="sensitivity"``;
 - block-wise: the Hessian the engine accumulates for SparseGPT; for Wanda and magnitude the engine
   accumulates the Hessian instead of the per-column sums of squares when the error, refinement or
   sensitivity is asked for (one ``in × in`` matrix per input group of the current block, on its

@@ -110,9 +110,7 @@ def _upper_inverse_cholesky(hessian: Tensor, percdamp: float) -> tuple[Tensor | 
     return upper, damp
 
 
-def _validate(
-    weight: Tensor, hessian: Tensor, blocksize: int, percdamp: float, mask: Tensor | None
-) -> None:
+def _validate(weight: Tensor, hessian: Tensor, blocksize: int, percdamp: float, mask: Tensor | None) -> None:
     if not isinstance(weight, Tensor) or weight.ndim != 2 or not weight.is_floating_point():
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(
@@ -171,7 +169,7 @@ def sparsegpt_prune(
         hessian: ``(in_features, in_features)`` Hessian of the layer input, ``(2/N) X^T X``
             (any positive scale gives the same result).
         sparsity: Fraction pruned in ``[0, 1]``. With N:M it must equal ``prune_n / prune_m``.
-        prune_n: N of an N:M pattern; 0 or None = unstructured (as :func:`prune.masks.parse_pattern`
+        prune_n: N of an N:M pattern; 0 or None = unstructured (as :func:`prune.methods.masks.parse_pattern`
             returns).
         prune_m: M of an N:M pattern; ``in_features`` and ``blocksize`` must be multiples of it.
         blocksize: Columns per lazy-update block (published default 128).

@@ -43,7 +43,7 @@ checkpoint: ``apply_plan(dense_model, load_plan(path))``.
 
 Supported architectures: :data:`SUPPORTED_CLASSES` (transformers Llama, Qwen2, Mistral and Qwen3
 attention/MLP classes, LLaDA's ``LLaDALlamaBlock``). Which linears form a head group or an MLP, and
-which attributes follow a change of width, is declared per family in :mod:`prune.structured_adapters`
+which attributes follow a change of width, is declared per family in :mod:`prune.methods.structured_adapters`
 (a new family is one ``Adapter`` entry); anything else (GPT-2's fused ``c_attn``, remote-code Dream)
 raises ``ValueError``. The spec classes and :func:`find_structures` live there and are re-exported here.
 """
@@ -166,7 +166,8 @@ def _check_ratio(ratio: float, mode: str) -> None:
 def _stat(stats: dict[str, Tensor], name: str, needed: list[str], what: str = "act_norms") -> Tensor:
     if name not in stats:
         listed = ", ".join(needed[:4]) + (", ..." if len(needed) > 4 else "")
-        how = "prune.statistics.activation_norms(store, ...)" if what == "act_norms" else "the mean inputs"
+        norms = "prune.engine.statistics.activation_norms(store, ...)"
+        how = norms if what == "act_norms" else "the mean inputs"
         raise ValueError(
             f"{what} has no entry for {name!r}; structured pruning needs it for every attention output "
             f"and MLP down projection ({listed}). Compute them with {how}."
@@ -207,7 +208,7 @@ def plan_structured(
             of ``o_proj``/``down_proj``.
         create_bias: with ``act_means``, give a bias to output linears that have none.
         scores: optional output-linear name -> ``(in_features,)`` per-input-channel scores used instead
-            of Wanda-sp's (e.g. FLAP's fluctuation, :mod:`prune.flap`); ``act_norms`` is then unused.
+            of Wanda-sp's (e.g. FLAP's fluctuation, :mod:`prune.engine.flap`); ``act_norms`` is then unused.
 
     Returns:
         The :class:`StructuredPlan`.

@@ -4,7 +4,7 @@ A family of modules is one :class:`Adapter` entry in :data:`ADAPTERS`: the class
 the child linear names (q, k, v, o for attention; gate, up, down for a gated MLP), how to read the
 head layout, which attributes the module's forward reads (and so must follow a change of width), and
 which config fields hold the widths for ``save_pretrained``. Nothing here slices a weight; that is
-:func:`prune.structured.apply_plan`.
+:func:`prune.methods.structured.apply_plan`.
 
 Supported classes (:data:`SUPPORTED_CLASSES`): transformers ``LlamaAttention``/``LlamaMLP`` and the
 Qwen2, Mistral and Qwen3 equivalents (their forward reads ``self.head_dim`` and
@@ -310,6 +310,6 @@ def write_config_widths(model: nn.Module, specs: list[AttentionSpec | MlpSpec]) 
         logger.warning(
             "the model config cannot express the pruned %s (per-layer widths differ, or the architecture "
             "derives them from its config); save_pretrained will not reload it. Save the plan "
-            "(prune.structured.save_plan) and re-apply it to the dense checkpoint.",
+            "(prune.methods.structured.save_plan) and re-apply it to the dense checkpoint.",
             " and ".join(unexpressed),
         )

@@ -49,7 +49,7 @@ class StructuredPlan:
         if data.get("format") != PLAN_FORMAT or int(data.get("version", 0)) > PLAN_VERSION:
             raise ValueError(
                 f"not a structured plan of version <= {PLAN_VERSION} (format={data.get('format')!r}, "
-                f"version={data.get('version')!r}); write it with prune.structured.save_plan."
+                f"version={data.get('version')!r}); write it with prune.methods.structured.save_plan."
             )
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})

@@ -6,10 +6,10 @@ the mean over calibration sequences of ``sum_t x_tj**2``, and uses ``sqrt(scaler
 Sink-Aware Pruning reference code (arXiv 2602.17664) instead sums per-sample L2 norms of the
 sink-down-weighted activations. Both are per-input-column norms, so both feed :func:`wanda_scores`.
 The two are the :data:`ACCUMULATIONS` ``"wanda"`` and ``"reference"``, defined here once:
-:func:`accumulation_term` and :func:`finish_norm` stream them over steps (``prune.statistics``),
+:func:`accumulation_term` and :func:`finish_norm` stream them over steps (``prune.engine.statistics``),
 :func:`act_norm_from_sumsq` builds either from all per-sample sums of squares at once.
 
-Scores are returned in float32 whatever the weight's dtype; masks come from :mod:`prune.masks`.
+Scores are returned in float32 whatever the weight's dtype; masks come from :mod:`prune.methods.masks`.
 """
 
 from __future__ import annotations

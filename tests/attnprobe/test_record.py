@@ -94,8 +94,16 @@ def test_tiny_llada_mass_matches_explicit_softmax(tmp_path):
 
     def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         seen.append((q.detach().double(), k.detach().double()))
-        return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                        enable_gqa=enable_gqa)
+        return original(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
 
     F.scaled_dot_product_attention = spy
     try:

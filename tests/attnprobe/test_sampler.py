@@ -1,4 +1,4 @@
-"""Tests of ``attnprobe.sampler.generate`` on a tiny random bidirectional Llama."""
+"""Tests of ``attnprobe.denoising.sampler.generate`` on a tiny random bidirectional Llama."""
 
 from __future__ import annotations
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import attnprobe
-from attnprobe.store import reader as store_mod
-from attnprobe.store import files as store_files_mod
 from attnprobe.store import StoreError, TrajectoryStore, open_store
+from attnprobe.store import files as store_files_mod
+from attnprobe.store import reader as store_mod
 from attnprobe.store.writer import StoreWriter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,8 +74,11 @@ def test_round_trip_is_exact(tmp_path):
     mass0 = store.layer_mass(0, 0)
     assert mass0.dtype == torch.float64 and torch.equal(mass0, tensors["mass/0"])
     assert torch.equal(store.layer_mass(0, LAYERS[1]), tensors["mass/1"])
-    for name, read in (("input_ids", store.input_ids(0)), ("valid", store.valid(0)),
-                       ("cand_index", store.candidates(0))):
+    for name, read in (
+        ("input_ids", store.input_ids(0)),
+        ("valid", store.valid(0)),
+        ("cand_index", store.candidates(0)),
+    ):
         assert read.dtype == tensors[name].dtype and torch.equal(read, tensors[name]), name
     stats = store.linear_stats(0)
     assert set(stats) == {"q"} and set(stats["q"]) == {"sumsq", "wsumsq", "cand_rows"}
@@ -175,8 +178,9 @@ def test_append_refuses_another_model_naming_the_keys(tmp_path):
     with pytest.raises(ValueError, match=r"fingerprint differs in \['model_class'\]"):
         StoreWriter.create(tmp_path / "s", fingerprint=other, options=OPTIONS, append=True)
     with pytest.raises(ValueError, match=r"options differs in \['sink_std'\]"):
-        StoreWriter.create(tmp_path / "s", fingerprint=FINGERPRINT, options={**OPTIONS, "sink_std": 3.0},
-                           append=True)
+        StoreWriter.create(
+            tmp_path / "s", fingerprint=FINGERPRINT, options={**OPTIONS, "sink_std": 3.0}, append=True
+        )
 
 
 def test_append_to_new_path_creates_the_store(tmp_path):

@@ -17,7 +17,7 @@ CALIBRATION = dict(mask_token_id=moe_models.MASK_TOKEN_ID, steps=4, sample_inter
 CASES = {
     "wanda_sink": dict(method="wanda", sink_aware=True),
     "wanda_sink_seq": dict(method="wanda", sink_aware=True, sequential=True, device="cpu"),
-    # expert Hessians in passes of one expert each (prune.block_experts), all-reduced pass by pass
+    # expert Hessians in passes of one expert each (prune.engine.block_experts), all-reduced pass by pass
     "sparsegpt_seq_passes": dict(method="sparsegpt", sequential=True, device="cpu", blocksize=16),
 }
 

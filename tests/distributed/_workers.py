@@ -31,7 +31,7 @@ CASES = {
     "wanda_seq": dict(method="wanda", sequential=True),
     "wanda_sink_seq": dict(method="wanda", sink_aware=True, sequential=True),
     "sparsegpt_seq": dict(method="sparsegpt", sequential=True),
-    # allocation and refinement (prune.allocation, prune.refine): one-shot and block-wise
+    # allocation and refinement (prune.methods.allocation, prune.methods.refine): one-shot and block-wise
     "wanda_sensitivity_refine": dict(method="wanda", allocation="sensitivity", refine=True),
     "wanda_seq_sensitivity_refine": dict(
         method="wanda", sequential=True, allocation="sensitivity", refine=True

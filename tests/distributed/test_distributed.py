@@ -184,7 +184,10 @@ def test_every_rank_raises_what_one_rank_got_wrong(runs):
 def test_group_appends_a_session_of_shards(runs):
     grown = attnprobe.open(runs["tmp"] / "grown")
     assert [(s["dir"], s["num_steps"]) for s in grown.shards] == [
-        ("rank-00000", 1), ("rank-00001", 1), ("append-001-rank-00000", 1), ("append-001-rank-00001", 1)
+        ("rank-00000", 1),
+        ("rank-00001", 1),
+        ("append-001-rank-00000", 1),
+        ("append-001-rank-00001", 1),
     ]
     assert [grown.rank_of(step) for step in range(4)] == [0, 1, 0, 1]
     assert torch.equal(grown.input_ids(3), _workers.windows()[1:2])

@@ -18,8 +18,9 @@ pytestmark = pytest.mark.moving_device
 
 @pytest.mark.slow  # spawns two processes: about 20 s on 2 cores
 def test_two_ranks_prune_every_expert_like_one_process(tmp_path):
-    procs = mp.start_processes(_moe_workers.ranks, args=(2, str(tmp_path)), nprocs=2, join=False,
-                               start_method="spawn")
+    procs = mp.start_processes(
+        _moe_workers.ranks, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
     single = _moe_workers.prune_cases(moe_models.qwen3_moe(), tmp_path / "single")
     procs.join(300)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]

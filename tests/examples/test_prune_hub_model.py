@@ -17,9 +17,9 @@ from safetensors import safe_open
 
 import attnprobe
 import prune
-from prune.hub import calibration_windows, load_model
 from prune.engine.blockwise import find_blocks
 from prune.engine.onload import streamed
+from prune.hub import calibration_windows, load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))

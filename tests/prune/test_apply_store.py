@@ -13,8 +13,8 @@ import attnprobe
 import prune
 import prune.export.mask_files as prune_io
 from attnprobe import fingerprint_problems
-from prune.methods.sparsegpt import sparsegpt_prune
 from prune.engine.statistics import SinkSettings, step_weights
+from prune.methods.sparsegpt import sparsegpt_prune
 from tests import models
 
 MASK = models.MASK_TOKEN_ID

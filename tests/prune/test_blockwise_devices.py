@@ -11,8 +11,8 @@ import torch
 import attnprobe
 import prune
 from attnprobe.analysis import sinks
-from attnprobe.recording.linear_stats import reduce_inputs
 from attnprobe.denoising.sampler import _candidates
+from attnprobe.recording.linear_stats import reduce_inputs
 from prune.engine import blockwise
 from tests import models
 from tests.assertions import assert_masks_agree

@@ -200,7 +200,8 @@ def test_diffusion_model_without_mask_token_is_refused():
 
 
 def test_command_line_runs_offline(in_root, capsys):
-    """The README's command line (``python -m prune.harness`` runs this ``main``) from the repository root."""
+    """The README's command line (``python -m prune.evaluation.harness`` runs this ``main``) from the
+    repository root."""
     from prune.evaluation import harness
 
     harness.main(

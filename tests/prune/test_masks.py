@@ -77,8 +77,10 @@ def test_unstructured_exact_count_per_row():
         assert ((~keep).sum(dim=1) == k).all()
         # Pruned entries are the k smallest of each row.
         if 0 < k < 50:
-            assert (scores[~keep].reshape(37, k).max(dim=1).values
-                    <= scores[keep].reshape(37, 50 - k).min(dim=1).values).all()
+            assert (
+                scores[~keep].reshape(37, k).max(dim=1).values
+                <= scores[keep].reshape(37, 50 - k).min(dim=1).values
+            ).all()
 
 
 def test_unstructured_count_uses_int_truncation():

@@ -21,8 +21,9 @@ def _calibrated(model, **options):
     ids = torch.randint(3, 60, (3, 16), generator=torch.Generator().manual_seed(1))
     ids[:, 0] = 1
     with attnprobe.record(model, mask_token_id=MASK, **options) as store:
-        attnprobe.calibrate(model, ids, mask_token_id=MASK, steps=4, sample_interval=2, batch_size=3,
-                            progress=False)
+        attnprobe.calibrate(
+            model, ids, mask_token_id=MASK, steps=4, sample_interval=2, batch_size=3, progress=False
+        )
     return store
 
 

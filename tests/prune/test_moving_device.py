@@ -1,4 +1,4 @@
-"""The moving device (prune.moving_device): onloading that copies and poisons on the CPU."""
+"""The moving device (prune.engine.moving_device): onloading that copies and poisons on the CPU."""
 
 from __future__ import annotations
 

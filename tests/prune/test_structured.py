@@ -37,15 +37,31 @@ ARCHS = {
 
 
 def _mistral(seed: int = 0) -> nn.Module:
-    config = MistralConfig(attn_implementation="sdpa", vocab_size=64, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    config = MistralConfig(
+        attn_implementation="sdpa",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     torch.manual_seed(seed)
     return MistralForCausalLM(config).eval()
 
 
 def _qwen3(seed: int = 0) -> nn.Module:
-    config = Qwen3Config(attn_implementation="sdpa", vocab_size=64, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8)
+    config = Qwen3Config(
+        attn_implementation="sdpa",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=8,
+    )
     torch.manual_seed(seed)
     return Qwen3ForCausalLM(config).eval()
 
@@ -365,11 +381,15 @@ def _mean_filled_reference(
 def test_bias_compensation_equals_mean_filled_inputs(with_bias):
     dense = models.llama_bidirectional(attention_bias=with_bias, mlp_bias=with_bias)
     gen = torch.Generator().manual_seed(3)
-    means = {name: torch.randn(m.in_features, generator=gen) for name, m in dense.named_modules()
-             if isinstance(m, nn.Linear)}
+    means = {
+        name: torch.randn(m.in_features, generator=gen)
+        for name, m in dense.named_modules()
+        if isinstance(m, nn.Linear)
+    }
     plan = plan_structured(dense, _norms(dense), 0.5, act_means=means, create_bias=not with_bias)
-    assert set(plan.bias_shift) == {s.o if isinstance(s, AttentionSpec) else s.down
-                                    for s in find_structures(dense)}
+    assert set(plan.bias_shift) == {
+        s.o if isinstance(s, AttentionSpec) else s.down for s in find_structures(dense)
+    }
     reference = _logits(_mean_filled_reference(dense, plan, means), _ids())
     apply_plan(dense, plan)
     assert dense.model.layers[0].mlp.down_proj.bias is not None
@@ -392,9 +412,16 @@ def test_find_structures_specs():
         "model.layers.0.self_attn.k_proj",
         "model.layers.0.self_attn.v_proj",
         "model.layers.0.self_attn.o_proj",
-        num_heads=4, num_kv_heads=2, head_dim=8, adapter="hf-attention",
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        adapter="hf-attention",
     )
     assert specs[1] == MlpSpec(
-        "model.layers.0.mlp", "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
-        "model.layers.0.mlp.down_proj", width=64, adapter="hf-mlp",
+        "model.layers.0.mlp",
+        "model.layers.0.mlp.gate_proj",
+        "model.layers.0.mlp.up_proj",
+        "model.layers.0.mlp.down_proj",
+        width=64,
+        adapter="hf-mlp",
     )
