@@ -13,6 +13,7 @@ would rebind the package attribute to the module and hide the function.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 import warnings
@@ -29,8 +30,13 @@ class MovedModule(types.ModuleType):
     def __init__(self, old: str, new: str) -> None:
         super().__init__(old, f"Moved to {new}; this alias goes in the next release.")
         self.__dict__["_new_path"] = new
+        # ``python -m <old path>`` asks for the module's spec: give the new module's (see __getattr__).
+        del self.__dict__["__spec__"]
 
     def __getattr__(self, name: str):
+        if name == "__spec__":  # the new file under the old name, which runpy's loader check wants
+            origin = importlib.util.find_spec(self.__dict__["_new_path"]).origin
+            return importlib.util.spec_from_file_location(self.__name__, origin)
         if name.startswith("__") and name != "__all__":
             raise AttributeError(name)
         new = self.__dict__["_new_path"]

@@ -12,7 +12,6 @@ every weight is restored and :class:`prune.engine.write_check.WriteCheckError` n
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import replace
 from typing import Any
 
@@ -41,27 +40,6 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS_HELP = '"unstructured", "N:M" (e.g. "2:4"), "structured", "blocks" or "experts"'
-
-
-def _select_linears(model: nn.Module, store, targets: str | None, ignore: str | None) -> dict[str, nn.Linear]:
-    modules = dict(model.named_modules())
-    if store is not None:
-        names = list(store.fingerprint.get("linears", {}))
-    else:
-        from attnprobe import discover
-
-        names = list(discover(model).linears)
-    if targets is not None:
-        names = [n for n in names if re.fullmatch(targets, n)]
-    if ignore is not None:
-        names = [n for n in names if not re.fullmatch(ignore, n)]
-    chosen = {n: modules[n] for n in names if isinstance(modules.get(n), nn.Linear)}
-    if not chosen:
-        raise ValueError(
-            f"no linear layer selected (targets={targets!r}, ignore={ignore!r}); block linears of this "
-            f"model include {names[:5]}"
-        )
-    return chosen
 
 
 def _validate(method: str, sparsity: float, pattern: str, accumulate: str) -> tuple[str, int, int]:
@@ -275,7 +253,7 @@ def apply(
             model, store, sparsity, sink_aware, settings, accumulate, structured_mode, meta
         )
     try:
-        linears = _select_linears(model, store, targets, ignore)
+        linears = planning.select_linears(model, store, targets, ignore)
     except ValueError:
         if not experts_mod.fused_selected(model, targets, ignore):  # targets= may name only fused experts
             raise

@@ -9,6 +9,7 @@ plant a failure in one place.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,3 +179,25 @@ def make_result(plan: dict[str, tuple[Tensor, Tensor | None]], rows: list[dict],
         settings=meta,
         weights={name: w.cpu() for name, (_, w) in plan.items() if w is not None},
     )
+
+
+def select_linears(model: nn.Module, store, targets: str | None, ignore: str | None) -> dict[str, nn.Linear]:
+    """The block linears ``prune.apply`` considers: the store's (or the model's), filtered by the regexes."""
+    modules = dict(model.named_modules())
+    if store is not None:
+        names = list(store.fingerprint.get("linears", {}))
+    else:
+        from attnprobe import discover
+
+        names = list(discover(model).linears)
+    if targets is not None:
+        names = [n for n in names if re.fullmatch(targets, n)]
+    if ignore is not None:
+        names = [n for n in names if not re.fullmatch(ignore, n)]
+    chosen = {n: modules[n] for n in names if isinstance(modules.get(n), nn.Linear)}
+    if not chosen:
+        raise ValueError(
+            f"no linear layer selected (targets={targets!r}, ignore={ignore!r}); block linears of this "
+            f"model include {names[:5]}"
+        )
+    return chosen

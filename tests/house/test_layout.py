@@ -178,3 +178,13 @@ def test_old_module_names_do_not_hide_the_public_functions():
         from prune.apply import PruneResult  # noqa: F401
     assert callable(attnprobe.record) and not isinstance(attnprobe.record, type(sys))
     assert callable(prune.apply) and not isinstance(prune.apply, type(sys))
+
+
+def test_old_module_paths_still_run_with_python_m():
+    import importlib.util
+
+    import prune  # noqa: F401  (registers the old paths)
+
+    spec = importlib.util.find_spec("prune.harness")  # what `python -m prune.harness` runs
+    assert spec.name == "prune.harness"
+    assert spec.origin.endswith(("prune/evaluation/harness.py", "prune\\evaluation\\harness.py"))
