@@ -21,7 +21,6 @@ from attnprobe.analysis.sinks import (
     sink_weights,
     step_mass,
 )
-from attnprobe.cli import main as cli_main
 from attnprobe.denoising.calibrate import calibrate, calibration_steps
 from attnprobe.denoising.sampler import generate
 from attnprobe.distributed import (
@@ -58,6 +57,16 @@ from attnprobe.store.opening import open_store as open
 from attnprobe.store.reader import StoreError, TrajectoryStore
 from attnprobe.store.shards import ShardedStore
 from attnprobe.version import __version__
+
+
+def cli_main(argv=None, **options):
+    """The ``attnprobe`` command line (:func:`attnprobe.cli.main`; ``prune`` adds its commands through
+    ``extra_commands=``). Imported on first call, so that ``python -m attnprobe.cli`` runs the module
+    fresh."""
+    from attnprobe.cli import main
+
+    return main(argv, **options)
+
 
 # Old flat module paths (before the subpackages), kept for one release with a DeprecationWarning.
 alias_moved_modules(
