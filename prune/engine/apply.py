@@ -185,8 +185,9 @@ def apply(
             mask prunes; every weight was restored first.
 
     Example:
-        >>> result = prune.apply(model, store, 0.5, method="wanda", sink_aware=True)  # doctest: +SKIP
-        >>> result.report.head()                                                     # doctest: +SKIP
+        >>> result = prune.apply(model, "runs/calib", 0.5, method="wanda", sink_aware=True, progress=False)
+        >>> list(result.report.columns[:3]), round(float(result.report["sparsity"].mean()), 3)
+        (['layer', 'shape', 'sparsity'], 0.5)
     """
     kind, n, m = _validate(method, sparsity, pattern, accumulate)
     allocation_mod.check(allocation, kind, owl_m, owl_lambda, sensitivity_range)

@@ -106,11 +106,14 @@ class BlockStatistics:
         kind: the statistic every group accumulates (:data:`KINDS`).
 
     Example:
-        >>> stats = BlockStatistics({"q": q, "k": k}, "sumsq")                     # doctest: +SKIP
-        >>> with stats.hooks():  # doctest: +SKIP
-        ...     for x, w in steps:
-        ...         stats.begin_step(w); block(x)
-        >>> stats.of("k").norm()  # doctest: +SKIP
+        >>> q, k = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        >>> stats = BlockStatistics({"q": q, "k": k}, "sumsq")
+        >>> x = torch.ones(2, 3, 4)  # (batch, tokens, in): one step's input of both linears
+        >>> with stats.hooks():
+        ...     stats.begin_step(torch.ones(2, 3)); _ = q(x), k(x)
+        >>> # one group (q and k read one tensor); norm = sqrt(mean over sequences of Σ_t x²)
+        >>> stats.of("k") is stats.of("q"), stats.of("k").norm().tolist()
+        (True, [1.7320507764816284, 1.7320507764816284, 1.7320507764816284, 1.7320507764816284])
     """
 
     def __init__(self, linears: dict[str, nn.Module], kind: str) -> None:

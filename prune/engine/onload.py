@@ -128,7 +128,7 @@ def streamed(model: nn.Module, blocks: Iterable[nn.Module], device: torch.device
     larger batch per forward to spread that transfer. This is how a model that does not fit the device
     is recorded (attention mass for sink weights) with the ordinary recorder.
 
-    Example:
+    Example (not run here: it needs a CUDA device to be worth it; the tests run it on the CPU):
         >>> with streamed(model, model.model.layers, "cuda:0"):                    # doctest: +SKIP
         ...     with attnprobe.record(model, "runs/calib", linear_stats=False):
         ...         attnprobe.calibrate(model, ids, mask_token_id=126336)

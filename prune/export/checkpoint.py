@@ -147,9 +147,12 @@ def save_pretrained(
             first, and the message says how to reload it).
 
     Example:
-        >>> result = prune.apply(model, store, 0.5, method="wanda", sink_aware=True)  # doctest: +SKIP
-        >>> prune.save_pretrained(model, "pruned", result, tokenizer=tokenizer)      # doctest: +SKIP
-        >>> AutoModelForCausalLM.from_pretrained("pruned")                           # doctest: +SKIP
+        >>> from transformers import AutoModelForCausalLM
+        >>> result = prune.apply(model, "runs/calib", 0.5, method="wanda", sink_aware=True, progress=False)
+        >>> path = prune.save_pretrained(model, "pruned", result)
+        >>> reloaded = AutoModelForCausalLM.from_pretrained("pruned")
+        >>> float((reloaded.model.layers[0].mlp.up_proj.weight == 0).float().mean())
+        0.5
     """
     config = getattr(model, "config", None)
     if not callable(getattr(model, "save_pretrained", None)) or not hasattr(config, "to_dict"):

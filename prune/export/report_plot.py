@@ -182,8 +182,9 @@ def plot_report(
         The matplotlib ``Figure``.
 
     Example:
-        >>> result = prune.apply(model, store, 0.5, method="wanda", sink_aware=True)  # doctest: +SKIP
-        >>> prune.plot_report(result, "report.png", store=store, model_name="tiny-dlm")  # doctest: +SKIP
+        >>> store = attnprobe.open("runs/calib")
+        >>> result = prune.apply(model, store, 0.5, method="wanda", sink_aware=True, progress=False)
+        >>> figure = prune.plot_report(result, "report.png", store=store, model_name="tiny-dlm")
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
