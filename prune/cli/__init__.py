@@ -28,7 +28,8 @@ def add_commands(commands: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run ``attnprobe`` with every command (the installed console script).
 
-    Example:
+    Example (not run as a doctest: it records and prunes for minutes; tests/prune/test_commands.py runs
+    every command through the installed script):
         >>> main(["prune", "examples/models/tiny-dlm", "--calibration", "train.txt",
         ...       "--output", "out/tiny"])  # doctest: +SKIP
         0

@@ -104,7 +104,8 @@ class AttnprobeLM(Generation, LM):
         greedy_check: diffusion ``is_greedy`` by decoding the continuation with :func:`attnprobe.generate`
             (L extra forwards per request); otherwise reported as False.
 
-    Example:
+    Example (not run as a doctest: a full lm-eval evaluation takes minutes; tests/prune/test_harness.py
+    runs it on a slice):
         >>> import lm_eval, prune.evaluation.harness                                          # doctest: +SKIP
         >>> lm_eval.simple_evaluate(  # doctest: +SKIP
         ...     model="attnprobe", model_args="pretrained=examples/models/tiny-dlm",
