@@ -52,6 +52,7 @@ from attnprobe.recording.expert_stats import reduce_experts
 from attnprobe.recording.linear_stats import reduce_inputs
 from attnprobe.recording.record import Recording, record
 from attnprobe.recording.row_stats import row_statistics
+from attnprobe.store.files import atomic_write
 from attnprobe.store.fingerprint import fingerprint_problems, model_fingerprint
 from attnprobe.store.opening import open_store as open
 from attnprobe.store.reader import StoreError, TrajectoryStore
@@ -111,6 +112,7 @@ __all__ = [
     "world_size",
     # the rest
     "alias_moved_modules",
+    "atomic_write",
     "attach_expert_hooks",
     "reduce_experts",
     "DEFAULT_SINK_ALPHA",

@@ -36,33 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench_moe  # noqa: E402
 from benchmarks.bench_record import build_model  # noqa: E402
+from benchmarks.bench_structured import calibrated_store, step_seconds  # noqa: E402
 
 MASK_TOKEN_ID = 1023
 
 
 def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def _store(model, directory: Path, length: int):
-    import attnprobe
-
-    ids = torch.randint(0, 1000, (2, length), generator=torch.Generator().manual_seed(1))
-    with attnprobe.record(model, directory, mask_token_id=MASK_TOKEN_ID) as store:
-        attnprobe.calibrate(
-            model, ids, mask_token_id=MASK_TOKEN_ID, steps=4, sample_interval=2, progress=False
-        )
-    return store
-
-
-def _step_seconds(model, ids: torch.Tensor) -> float:
-    if ids.is_cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    model(input_ids=ids)
-    if ids.is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def _time(models: dict, batch: int, length: int, repeats: int, device: str, label: str) -> dict[str, float]:
@@ -74,10 +54,10 @@ def _time(models: dict, batch: int, length: int, repeats: int, device: str, labe
     with torch.inference_mode():
         for model in models.values():
             model.to(device)
-            _step_seconds(model, ids)
+            step_seconds(model, ids)
         for i in range(repeats):
             for name, model in models.items():
-                times[name].append(_step_seconds(model, ids))
+                times[name].append(step_seconds(model, ids))
             print(
                 f"{label} run {i}: " + ", ".join(f"{n} {t[-1] * 1e3:.0f} ms" for n, t in times.items()),
                 flush=True,
@@ -115,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     models = {"dense": dense}
     with tempfile.TemporaryDirectory() as tmp:
-        store = _store(dense, Path(tmp) / "dense", 128)
+        store = calibrated_store(dense, Path(tmp) / "dense", 128)
         for name, options in variants.items():
             pruned = copy.deepcopy(dense)
             start = time.perf_counter()
             prune.apply(pruned, store, options.pop("ratio"), progress=False, **options)
             print(f"{name}: pruned in {time.perf_counter() - start:.1f}s", flush=True)
             models[name] = pruned
-        moe_store = _store(moe, Path(tmp) / "moe", 64)
+        moe_store = calibrated_store(moe, Path(tmp) / "moe", 64)
         experts = copy.deepcopy(moe)
         prune.apply(experts, moe_store, 0.5, pattern="experts")
     for name in variants:

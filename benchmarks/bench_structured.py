@@ -43,18 +43,19 @@ def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _calibrated_store(model, directory: Path):
+def calibrated_store(model, directory: Path, length: int = 128):
+    """A calibration store of two random windows (4 noise levels, sampled every 2)."""
     import attnprobe
 
-    ids = torch.randint(0, 1000, (2, 128), generator=torch.Generator().manual_seed(1))
-    with attnprobe.record(model, directory, linear_stats=True) as store:
+    ids = torch.randint(0, 1000, (2, length), generator=torch.Generator().manual_seed(1))
+    with attnprobe.record(model, directory, mask_token_id=MASK_TOKEN_ID) as store:
         attnprobe.calibrate(
             model, ids, mask_token_id=MASK_TOKEN_ID, steps=4, sample_interval=2, progress=False
         )
     return store
 
 
-def _step_seconds(model, ids: torch.Tensor) -> float:
+def step_seconds(model, ids: torch.Tensor) -> float:
     if ids.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        store = _calibrated_store(dense, Path(tmp) / "calib")
+        store = calibrated_store(dense, Path(tmp) / "calib")
         print(f"calibration store: {store.num_steps} steps in {time.perf_counter() - start:.1f}s", flush=True)
         for ratio in RATIOS:
             pruned = copy.deepcopy(dense)
@@ -111,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         for model in models.values():
             model.to(args.device)
-            _step_seconds(model, ids)  # warm-up
+            step_seconds(model, ids)  # warm-up
         for i in range(repeats):
             for name, model in models.items():
-                times[name].append(_step_seconds(model, ids))
+                times[name].append(step_seconds(model, ids))
             print(f"run {i}: " + ", ".join(f"{n} {t[-1] * 1e3:.0f} ms" for n, t in times.items()), flush=True)
     dense_s = statistics.median(times["dense"])
     result["dense_ms"] = dense_s * 1e3

@@ -408,12 +408,5 @@ rows were fixed before the run (from a smaller trial run), not chosen from these
 
 
 def splice(path: Path, section: str) -> None:
-    """Replace (or append) the allocation section of an existing RESULTS.md."""
-    text = path.read_text()
-    start, end = MARKERS
-    if start in text and end in text:
-        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
-    else:
-        anchor = "## Where a small byte-level pair"
-        text = text.replace(anchor, section + "\n\n" + anchor) if anchor in text else text + "\n" + section
-    path.write_text(text)
+    """Replace (or insert) the allocation section of an existing RESULTS.md."""
+    pipeline.splice_section(path, section, MARKERS)

@@ -213,3 +213,22 @@ def prune_and_evaluate(
             }
         )
     return rows
+
+
+CLOSING_SECTION = "## Where a small byte-level pair"
+
+
+def splice_section(
+    path: Path, section: str, markers: tuple[str, str], before: str | None = CLOSING_SECTION
+) -> None:
+    """Replace the text between ``markers`` in an existing RESULTS.md with ``section``; where the markers
+    are missing, insert it before the heading ``before`` (or append it when that is None or absent)."""
+    text = path.read_text() if path.exists() else ""
+    start, end = markers
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
+    elif before is not None and before in text:
+        text = text.replace(before, section + "\n\n" + before)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)

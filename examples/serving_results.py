@@ -271,13 +271,7 @@ def serving_section(pair, work: Path, *, seeds: int = 3, quick: bool = False) ->
 
 def splice(path: Path, section: str) -> None:
     """Replace the section between the markers, or append it."""
-    text = path.read_text() if path.exists() else ""
-    start, end = MARKERS
-    if start in text and end in text:
-        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    pipeline.splice_section(path, section, MARKERS, before=None)
 
 
 TEMPLATE = """<!-- serving: start -->

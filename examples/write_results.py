@@ -251,14 +251,7 @@ def _task_section(table: str, info: dict, minutes: float | None = None) -> str:
 
 def _splice_task(path: Path, section: str) -> None:
     """Replace (or insert before the closing section) the lm-eval section of an existing RESULTS.md."""
-    text = path.read_text()
-    start, end = TASK_MARKERS
-    if start in text and end in text:
-        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
-    else:
-        anchor = "## Where a small byte-level pair"
-        text = text.replace(anchor, section + "\n\n" + anchor) if anchor in text else text + "\n" + section
-    path.write_text(text)
+    pipeline.splice_section(path, section, TASK_MARKERS)
 
 
 def main(argv: list[str] | None = None) -> int:

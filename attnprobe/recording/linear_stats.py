@@ -57,10 +57,9 @@ def reduce_inputs(
     # valid, weights and candidates come from the step (the input ids' device, or the device where the
     # layers' masses were summed); x from this layer, which for a dispatched model may be elsewhere.
     valid, candidates = valid.to(x.device), candidates.to(x.device)
-    sample = torch.arange(batch, device=x.device).repeat_interleave(tokens)
     out = weighted_statistics(
         x.reshape(-1, width),
-        sample,
+        None,  # whole samples in order
         batch,
         valid.reshape(-1),
         weights.reshape(-1),
@@ -72,7 +71,14 @@ def reduce_inputs(
 
 
 def weighted_statistics(
-    rows: Tensor, sample: Tensor, batch: int, keep: Tensor, weights: Tensor, *, hessians: bool, means: bool
+    rows: Tensor,
+    sample: Tensor | None,
+    batch: int,
+    keep: Tensor,
+    weights: Tensor,
+    *,
+    hessians: bool,
+    means: bool,
 ) -> dict[str, Tensor]:
     """The statistics above over input rows (n, in) of ``batch`` samples, through the one reduction
     (:func:`attnprobe.recording.row_stats.row_statistics`): row r belongs to sample ``sample[r]``,

@@ -23,7 +23,7 @@ __all__ = ["ROWS_PER_CHUNK", "row_statistics"]
 
 def row_statistics(
     rows: Tensor,
-    sample: Tensor,
+    sample: Tensor | None,
     batch: int,
     *,
     squares: Mapping[str, Tensor] | None = None,
@@ -35,7 +35,9 @@ def row_statistics(
 
     Args:
         rows: (n, in) input rows, any float dtype.
-        sample: (n,) int64, the sample (0 .. batch - 1) each row belongs to.
+        sample: (n,) int64, the sample (0 .. batch - 1) each row belongs to; None when the rows are the
+            samples one after another, ``n // batch`` rows each (a dense input): per-sample sums are then
+            batched matvecs over whole samples, with no selector to build.
         batch: the number of samples.
         squares: ``{name: c}`` with ``c`` (n,) row weights: ``out[name][b, j] = Σ_{r in b} c_r · x_rj²``,
             shape (batch, in).
@@ -74,18 +76,33 @@ def row_statistics(
     }
     out.update({name: torch.zeros((width, width), dtype=torch.float32, device=device) for name in grams})
     out.update(into or {})
-    sample = sample.to(device)
-    for r0 in range(0, rows.shape[0], ROWS_PER_CHUNK):
-        part = slice(r0, r0 + ROWS_PER_CHUNK)
+    tokens = rows.shape[0] // max(batch, 1) if sample is None else None
+    chunk = max(1, ROWS_PER_CHUNK // max(tokens, 1)) * tokens if tokens else ROWS_PER_CHUNK
+    sample = None if sample is None else sample.to(device)
+    for r0 in range(0, rows.shape[0], chunk):
+        part = slice(r0, r0 + chunk)
         xs = rows[part].to(torch.float32)
-        if squares:
-            _add_sample_sums(out, xs.square(), sample[part], batch, {n: c[part] for n, c in squares.items()})
-        if sums:
-            _add_sample_sums(out, xs, sample[part], batch, {n: c[part] for n, c in sums.items()})
+        for values, weights in ((xs.square(), squares), (xs, sums)):
+            chosen = {n: c[part] for n, c in weights.items()}
+            if not chosen:
+                continue
+            if tokens:
+                _add_whole_samples(out, values, r0 // tokens, tokens, chosen)
+            else:
+                _add_sample_sums(out, values, sample[part], batch, chosen)
         for name, g in grams.items():
             gx = xs * g[part, None]
             out[name].addmm_(gx.T, gx)
     return out
+
+
+def _add_whole_samples(out: dict[str, Tensor], values: Tensor, first: int, tokens: int, weights) -> None:
+    """Add ``Σ_t c[b, t] · values[b, t]`` for the whole samples ``first ..`` that ``values`` holds, as a
+    batched matvec (batch, 1, tokens) x (batch, tokens, in): no (rows, in) temporary."""
+    count = values.shape[0] // tokens
+    grid = values.view(count, tokens, -1)
+    for name, c in weights.items():
+        out[name][first : first + count] += torch.bmm(c.view(count, 1, tokens), grid).squeeze(1)
 
 
 def _add_sample_sums(out: dict[str, Tensor], values: Tensor, sample: Tensor, batch: int, weights) -> None:

@@ -55,13 +55,13 @@ class InputStatistics:
         ``weights`` already holds the padding mask (0 on padding); both are moved to ``x``'s device.
         """
         batch, tokens, width = x.shape
-        sample = torch.arange(batch, device=x.device).repeat_interleave(tokens)
-        self.add_rows(x.reshape(-1, width), weights.reshape(-1), sample, batch)
+        self.add_rows(x.reshape(-1, width), weights.reshape(-1), None, batch)  # whole samples in order
 
     @torch.no_grad()
-    def add_rows(self, rows: Tensor, weights: Tensor, sample: Tensor, batch: int) -> None:
-        """Add input rows (n, in) of ``batch`` sequences: row r belongs to sequence ``sample[r]`` and
-        counts with weight ``weights[r]`` (sink weight times padding mask; an expert's routed rows).
+    def add_rows(self, rows: Tensor, weights: Tensor, sample: Tensor | None, batch: int) -> None:
+        """Add input rows (n, in) of ``batch`` sequences: row r belongs to sequence ``sample[r]`` (None:
+        the sequences one after another, n // batch rows each) and counts with weight ``weights[r]``
+        (sink weight times padding mask; an expert's routed rows).
 
         One reduction (:func:`attnprobe.row_statistics`) and one accumulation (Wanda's
         :func:`prune.methods.wanda.accumulation_term`) for dense linears and experts alike.

@@ -8,6 +8,7 @@ plant a failure in one place.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -95,16 +96,19 @@ def plan_linear(
         if stat is not None:
             finite(name, stat)
     new_weight = None
+    # SparseGPT's solve with this linear's settings; ``mask=`` re-solves the kept weights of a given mask.
+    solve = functools.partial(
+        sparsegpt_prune,
+        module.weight,
+        hessian,
+        how.sparsity,
+        prune_n=how.n,
+        prune_m=how.m,
+        blocksize=how.blocksize,
+        percdamp=how.percdamp,
+    )
     if how.method == "sparsegpt":
-        new_weight, mask = sparsegpt_prune(
-            module.weight,
-            hessian,
-            how.sparsity,
-            prune_n=how.n,
-            prune_m=how.m,
-            blocksize=how.blocksize,
-            percdamp=how.percdamp,
-        )
+        new_weight, mask = solve()
     else:
         scores = (
             magnitude_scores(module.weight)
@@ -117,18 +121,7 @@ def plan_linear(
     extra: dict[str, Any] = {}
     if gram is not None:
         n_m = (how.n, how.m) if how.kind == masks_mod.N_M else None
-        resolve = None
-        if how.method == "sparsegpt":
-            resolve = lambda keep: sparsegpt_prune(  # noqa: E731 - re-solve the kept weights for a refined mask
-                module.weight,
-                hessian,
-                how.sparsity,
-                prune_n=how.n,
-                prune_m=how.m,
-                blocksize=how.blocksize,
-                percdamp=how.percdamp,
-                mask=keep,
-            )[0]
+        resolve = (lambda keep: solve(mask=keep)[0]) if how.method == "sparsegpt" else None
         mask, new_weight, extra = finish_plan(
             module.weight, mask, new_weight, gram, n_m=n_m, settings=how.refine, resolve=resolve
         )

@@ -15,8 +15,6 @@ The fingerprint (class, linear shapes, a sample of each linear's weights: ``attn
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from attnprobe import expert_weight, fingerprint_problems
+from attnprobe import atomic_write, expert_weight, fingerprint_problems
 from attnprobe import model_fingerprint as _fingerprint
 
 FORMAT_VERSION = 1
@@ -76,23 +74,9 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """``save_file`` to a temporary file in ``path``'s directory, fsync, rename over ``path``."""
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, temp, metadata=metadata)
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+    """``save_file`` to a temporary file in ``path``'s directory, fsync, rename over ``path``
+    (the store's atomic write, :func:`attnprobe.atomic_write`)."""
+    atomic_write(path, lambda temp: save_file(tensors, temp, metadata=metadata))
 
 
 def save_masks(

@@ -137,7 +137,7 @@ def test_save_masks_is_atomic(tmp_path, monkeypatch):
     masks = {"a": torch.tensor([[True, False], [False, True]])}
     fsynced = []
     real_fsync = os.fsync
-    monkeypatch.setattr(prune_io.os, "fsync", lambda fd: (fsynced.append(fd), real_fsync(fd)))
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsynced.append(fd), real_fsync(fd)))
     prune.save_masks(masks, target)
     assert fsynced and prune_io.read_masks(target)[0]["a"].equal(masks["a"])
     original = target.read_bytes()
